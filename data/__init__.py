@@ -1,0 +1,1 @@
+"""Image-caption sources, the embedded world and duplicate injection."""

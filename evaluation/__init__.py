@@ -1,0 +1,1 @@
+"""Evaluation: generation, copy and alignment metrics, detection, grids and comparisons."""

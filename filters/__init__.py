@@ -1,0 +1,1 @@
+"""The text-conditional noise magnitude and everything built on it."""

@@ -1,0 +1,40 @@
+"""Classifier-free-guidance sampling that records the magnitude at every step.
+
+Generation, detection and mitigation share this loop: the conditional and unconditional
+predictions CFG computes anyway give the magnitude for free, and ``stop_after`` lets detection
+stop after the first steps instead of paying for the whole trajectory.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from filters.magnitude import predict_pair, text_conditional_magnitude
+
+
+def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One latent per seed, each from its own generator, so batching never changes a sample."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+
+
+@torch.no_grad()
+def guided_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor,
+                  num_steps: int, guidance_scale: float, stop_after: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run DDIM-style sampling; return final latents and magnitudes ``[steps_run, batch]``.
+
+    ``scheduler`` is any diffusers scheduler; it is reset here, so callers may share one.
+    """
+    scheduler.set_timesteps(num_steps, device=latents.device)
+    latents = latents * scheduler.init_noise_sigma
+    magnitudes = []
+    for i, t in enumerate(scheduler.timesteps):
+        if stop_after is not None and i >= stop_after:
+            break
+        model_in = scheduler.scale_model_input(latents, t)
+        tt = t.expand(latents.shape[0]).to(latents.device)
+        eps_cond, eps_uncond = predict_pair(unet, model_in, tt, cond, uncond)
+        magnitudes.append(text_conditional_magnitude(eps_cond, eps_uncond))
+        eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        latents = scheduler.step(eps, t, latents).prev_sample
+    return latents, torch.stack(magnitudes)

@@ -1,0 +1,1 @@
+"""The Hydra entry point and the accelerate training loop."""

@@ -1,0 +1,140 @@
+"""Stable Diffusion's components, built from config (``model=embedded``) or loaded (``model=sd``).
+
+Both paths produce the same :class:`Components`, so the loop, the filter and evaluation never
+know which they got. ``vae`` is ``None`` for pixel-space models: latents are then pixels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: PreTrainedTokenizerFast
+    noise_scheduler: DDPMScheduler
+    vae: AutoencoderKL | None
+
+    @property
+    def latent_scale(self) -> float:
+        return self.vae.config.scaling_factor if self.vae is not None else 1.0
+
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """DDIM with the training scheduler's noise schedule, as SD's pipelines sample."""
+        return DDIMScheduler.from_config(self.noise_scheduler.config)
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Text-encoder output embeddings (SD's ``encoder_hidden_states``)."""
+        ids = self.tokenizer(captions, padding="max_length", truncation=True,
+                             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] to the latents the UNet denoises."""
+        if self.vae is None:
+            return pixels
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample() * self.latent_scale
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents to pixels in [0, 1]."""
+        if self.vae is not None:
+            latents = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
+        return (latents.float() / 2 + 0.5).clamp(0, 1)
+
+    def save(self, path: str | Path, unet: UNet2DConditionModel | None = None) -> None:
+        """Write a diffusers-style folder (one subfolder per component); ``unet`` overrides (EMA)."""
+        path = Path(path)
+        (unet or self.unet).save_pretrained(path / "unet")
+        self.text_encoder.save_pretrained(path / "text_encoder")
+        self.tokenizer.save_pretrained(path / "tokenizer")
+        self.noise_scheduler.save_pretrained(path / "scheduler")
+        if self.vae is not None:
+            self.vae.save_pretrained(path / "vae")
+
+
+def word_tokenizer(words: list[str], max_length: int) -> PreTrainedTokenizerFast:
+    """A CLIP-style word-level tokenizer made locally: lowercase, one token per word, digits split.
+
+    Unknown words map to ``<|unk|>``; sequences are ``<|startoftext|> ... <|endoftext|>`` padded
+    with ``<|endoftext|>`` as SD v1 pads.
+    """
+    vocab = {tok: i for i, tok in enumerate([BOS, EOS, UNK, *dict.fromkeys(words)])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+                                   pad_token=EOS, model_max_length=max_length)
+
+
+def build_embedded(cfg: DictConfig, vocabulary: list[str]) -> Components:
+    """Stable Diffusion's architecture at toy size, randomly initialised from ``cfg``."""
+    tokenizer = word_tokenizer(vocabulary, cfg.text_encoder.max_length)
+    te = cfg.text_encoder
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=te.hidden_size, intermediate_size=te.hidden_size * 4,
+        num_hidden_layers=te.layers, num_attention_heads=te.heads, max_position_embeddings=te.max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    torch.manual_seed(te.seed)  # the frozen random encoder is part of the world: same seed, same embeddings
+    text_encoder.apply(text_encoder._init_weights)
+    vae = None
+    if cfg.vae is not None:
+        vae = AutoencoderKL(**OmegaConf.to_container(cfg.vae, resolve=True))
+    unet = UNet2DConditionModel(**OmegaConf.to_container(cfg.unet, resolve=True),
+                                cross_attention_dim=te.hidden_size)
+    scheduler = DDPMScheduler(**OmegaConf.to_container(cfg.scheduler, resolve=True))
+    return Components(unet, text_encoder, tokenizer, scheduler, vae)
+
+
+def load_pretrained(path: str, revision: str | None = None, variant: str | None = None,
+                    local_files_only: bool = False) -> Components:
+    """Load any diffusers model folder or hub id (SD 1.x/2.x layout, VAE optional)."""
+    kw = {"revision": revision, "local_files_only": local_files_only}
+    root = Path(path)
+    if root.exists() and not (root / "unet").is_dir():
+        raise FileNotFoundError(f"model path {path} has no unet/ subfolder; expected a diffusers model folder")
+    vae = None
+    if not root.exists() or (root / "vae").is_dir():
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
+    return Components(
+        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
+        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
+        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        vae=vae,
+    )
+
+
+def build_components(cfg: DictConfig, vocabulary: list[str]) -> Components:
+    """Build or load per ``cfg.kind``; freeze the text encoder and VAE as SD fine-tuning does."""
+    if cfg.kind == "embedded":
+        comps = build_embedded(cfg, vocabulary)
+    elif cfg.kind == "pretrained":
+        comps = load_pretrained(cfg.pretrained, cfg.get("revision"), cfg.get("variant"),
+                                cfg.get("local_files_only", False))
+    else:
+        raise ValueError(f"model.kind={cfg.kind!r}; expected 'embedded' or 'pretrained'")
+    for frozen in (comps.text_encoder, comps.vae):
+        if frozen is not None:
+            frozen.requires_grad_(False).eval()
+    return comps

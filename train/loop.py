@@ -1,0 +1,245 @@
+"""The training loop: SD fine-tuning with the magnitude filter, one screen per idea.
+
+Every step computes each sample's magnitude at its own noisy input and timestep: the
+conditional prediction is the training forward itself, the unconditional one a second
+forward without gradients. The filter policy decides which samples enter the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from data.dataset import TrainingData, build_data
+from data.world import VOCABULARY
+from filters.magnitude import text_conditional_magnitude
+from filters.policy import build_policy, filtered_mean
+from train.checkpoint import resolve_resume, save_checkpoint, step_of
+from train.components import Components, build_components
+from train.sampler import StepBatchSampler, step_generator
+from train.tracking import JsonlLog, wandb_init_kwargs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FilterCounts:
+    """Samples seen and dropped over the whole run, split by the manifest; checkpointed."""
+
+    seen: dict[str, int] = field(default_factory=lambda: {"duplicated": 0, "other": 0})
+    dropped: dict[str, int] = field(default_factory=lambda: {"duplicated": 0, "other": 0})
+
+    def add(self, duplicated: torch.Tensor, keep: torch.Tensor) -> None:
+        for name, mask in (("duplicated", duplicated), ("other", ~duplicated)):
+            self.seen[name] += int(mask.sum())
+            self.dropped[name] += int((mask & ~keep).sum())
+
+    def dropped_fraction(self) -> dict[str, float]:
+        return {k: self.dropped[k] / self.seen[k] if self.seen[k] else 0.0 for k in self.seen}
+
+    def state_dict(self) -> dict:
+        return {"seen": dict(self.seen), "dropped": dict(self.dropped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.dropped = dict(state["seen"]), dict(state["dropped"])
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    components: Components
+    data: TrainingData
+    counts: FilterCounts
+    accelerator: Accelerator
+
+
+def collate(items: list[dict]) -> dict:
+    return {
+        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
+        "caption": [it["caption"] for it in items],
+        "key": [it["key"] for it in items],
+        "duplicated": torch.tensor([it["duplicated"] for it in items]),
+    }
+
+
+def shared_run_dir(accelerator: Accelerator, run_dir: str | Path) -> Path:
+    """The main process's run directory, broadcast so every rank writes under one folder."""
+    chosen = [str(run_dir)]
+    broadcast_object_list(chosen, from_process=0)
+    path = Path(chosen[0])
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    return path
+
+
+def training_target(comps: Components, latents, noise, timesteps) -> torch.Tensor:
+    kind = comps.noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return comps.noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type={kind!r}; expected 'epsilon' or 'v_prediction'")
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
+    """Train per ``cfg`` into ``run_dir``; resume from its latest checkpoint when asked."""
+    tc = cfg.train
+    accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
+                              mixed_precision=tc.mixed_precision,
+                              log_with="wandb" if cfg.logging.wandb.enabled else None)
+    run_dir = shared_run_dir(accelerator, run_dir)
+    set_seed(cfg.seed)
+    data = build_data(cfg.data)
+    comps = build_components(cfg.model, list(VOCABULARY))
+    unet = comps.unet
+    unet.train()
+    if tc.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+    for frozen in (comps.text_encoder, comps.vae):
+        if frozen is not None:
+            frozen.to(accelerator.device, dtype=weight_dtype)
+
+    ema = EMAModel(unet.parameters(), decay=tc.ema.decay, model_cls=type(unet), model_config=unet.config) \
+        if tc.ema.enabled else None
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
+                                 num_training_steps=tc.steps)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema)
+    policy = build_policy(cfg.filter, comps.noise_scheduler.config.num_train_timesteps)
+    counts = FilterCounts()
+    accelerator.register_for_checkpointing(policy, counts)
+
+    ckpt_root = run_dir / "checkpoints"
+    resume = resolve_resume(tc.resume, ckpt_root)
+    start_step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        start_step = step_of(resume)
+        accelerator.print(f"resumed from {resume} at step {start_step}")
+
+    metrics = JsonlLog(run_dir / "metrics.jsonl")
+    if accelerator.is_main_process:
+        if start_step == 0:
+            metrics.path.unlink(missing_ok=True)
+            OmegaConf.save(cfg, run_dir / "config.yaml")
+            data.manifest.save(run_dir / "manifest.json")
+    if accelerator.is_main_process and cfg.logging.wandb.enabled:
+        accelerator.init_trackers(cfg.logging.wandb.project, OmegaConf.to_container(cfg, resolve=True),
+                                  init_kwargs=wandb_init_kwargs(cfg.logging.wandb, run_dir, run_dir.name))
+
+    accum = tc.gradient_accumulation_steps
+    sampler = StepBatchSampler(len(data.dataset), tc.batch_size, cfg.seed, accelerator.process_index,
+                               accelerator.num_processes, start_micro_step=start_step * accum)
+    loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
+    uncond = comps.encode_text([""]).to(weight_dtype)
+    sched = comps.noise_scheduler
+    quiet = bool(os.environ.get("CI")) or not cfg.logging.progress
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train",
+               disable=quiet or not accelerator.is_main_process)
+    batches = iter(loader)
+    window: list[dict] = []
+    for step in bar:
+        for micro in range(accum):
+            micro_step = step * accum + micro
+            batch = next(batches)
+            gen = step_generator(cfg.seed, micro_step, accelerator.process_index)
+            pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+            latents = comps.encode_images(pixels).float()
+            n = latents.shape[0]
+            noise = torch.randn(latents.shape, generator=gen).to(latents.device)
+            if tc.noise_offset:
+                noise += tc.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(noise.device)
+            timesteps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen).to(latents.device)
+            captioned = torch.rand(n, generator=gen) >= tc.caption_dropout
+            captions = [c if k else "" for c, k in zip(batch["caption"], captioned.tolist())]
+            cond = comps.encode_text(captions).to(weight_dtype)
+            noisy = sched.add_noise(latents, noise, timesteps)
+            target = training_target(comps, latents, noise, timesteps)
+
+            with accelerator.accumulate(unet):
+                with torch.no_grad():
+                    eps_uncond = unet(noisy, timesteps, uncond.expand(n, -1, -1)).sample
+                pred = unet(noisy, timesteps, cond).sample
+                magnitude = text_conditional_magnitude(pred.detach(), eps_uncond)
+                keep = policy.keep(magnitude, timesteps, step).to(latents.device)
+                dup = batch["duplicated"].to(latents.device)
+                g_mag, g_t, g_valid, g_keep, g_dup = accelerator.gather(
+                    (magnitude, timesteps, captioned.to(latents.device), keep, dup))
+                policy.observe(g_mag, g_t, g_valid)
+                counts.add(g_dup.cpu(), g_keep.cpu())
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                loss = filtered_mean(per_sample, keep, int(g_keep.sum()), accelerator.num_processes)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and tc.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window.append(step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator))
+        if ema is not None:
+            ema.step(unet.parameters())
+        done = step + 1
+        if done % cfg.logging.every == 0 or done == tc.steps:
+            record = summarize_window(window, done, lr_scheduler.get_last_lr()[0], counts)
+            window.clear()
+            if accelerator.is_main_process:
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record['kept_fraction']:.3f}")
+            accelerator.log(record, step=done)
+        if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
+            save_checkpoint(accelerator, ckpt_root, done, tc.checkpoints_total_limit)
+
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(unet)
+    if ema is not None:
+        ema.store(final.parameters())
+        ema.copy_to(final.parameters())
+    comps.unet = final.eval()
+    if accelerator.is_main_process:
+        comps.save(run_dir / "model")
+    accelerator.wait_for_everyone()
+    return TrainResult(run_dir=run_dir, components=comps, data=data, counts=counts, accelerator=accelerator)
+
+
+def step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator) -> dict:
+    """What one micro-step contributes to the logs (all ranks' samples)."""
+    loss = accelerator.gather(per_sample.detach()).float()
+    kept = g_keep.bool()
+    return {"loss": float(loss[kept].mean()) if kept.any() else math.nan,
+            "mag": g_mag.float().cpu(), "t": g_t.cpu(), "valid": g_valid.cpu(), "keep": kept.cpu(),
+            "dup": g_dup.cpu()}
+
+
+def summarize_window(window: list[dict], step: int, lr: float, counts: FilterCounts) -> dict:
+    """Loss, kept fraction and magnitude split by duplicated/other and by noise level."""
+    cat = {k: torch.cat([w[k] for w in window]) for k in ("mag", "t", "valid", "keep", "dup")}
+    losses = [w["loss"] for w in window if not math.isnan(w["loss"])]
+    record = {"step": step, "lr": lr, "loss": sum(losses) / len(losses) if losses else math.nan,
+              "kept_fraction": float(cat["keep"].float().mean())}
+    valid = cat["valid"].bool()
+    for name, sel in (("duplicated", cat["dup"].bool()), ("other", ~cat["dup"].bool())):
+        record[f"kept_fraction/{name}"] = float(cat["keep"][sel].float().mean()) if sel.any() else math.nan
+        for band, lo, hi in (("all", 0, 1000), ("t<500", 0, 500), ("t>=500", 500, 1000)):
+            m = sel & valid & (cat["t"] >= lo) & (cat["t"] < hi)
+            record[f"magnitude/{name}/{band}"] = float(cat["mag"][m].mean()) if m.any() else math.nan
+    for name, frac in counts.dropped_fraction().items():
+        record[f"dropped_fraction/{name}"] = frac
+    return record

@@ -1,0 +1,35 @@
+"""Weights & Biases, offline unless the user is logged in, plus local JSONL that is always written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+
+def wandb_mode(setting: str) -> str:
+    """``auto`` means online only when credentials exist (env or ``wandb login``), else offline."""
+    if setting != "auto":
+        return setting
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text() else "offline"
+
+
+def wandb_init_kwargs(cfg: DictConfig, run_dir: Path, name: str) -> dict:
+    return {"wandb": {"mode": wandb_mode(cfg.mode), "dir": str(run_dir), "name": name,
+                      "entity": cfg.get("entity"), "group": cfg.get("group")}}
+
+
+class JsonlLog:
+    """Append-only metrics file; one JSON object per logged step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
