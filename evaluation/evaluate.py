@@ -14,33 +14,44 @@ from omegaconf import DictConfig
 from evaluation.generate import generate
 from evaluation.metrics import alignment, caption_region, copy_similarity
 from evaluation.report import flatten, save_grid, write_json
-from filters.detection import detection_metrics
+from filters.detection import detection_metrics, first_steps_magnitudes
 from train.loop import TrainResult
+
+COPY_RATIO_FLOOR = 0.01
 
 
 def choose_prompts(result: TrainResult, num_other: int | None, seed: int) -> tuple[list[int], list[int]]:
-    """Base indices of every duplicated pair and of ``num_other`` random non-duplicated ones."""
+    """Base indices of every duplicated pair and of up to ``num_other`` random non-duplicated ones
+    (as many as duplicated ones when ``None``)."""
     ds = result.data.dataset
     dup = [i for i, k in enumerate(ds.keys) if result.data.manifest.is_duplicated(k)]
     rest = [i for i, k in enumerate(ds.keys) if not result.data.manifest.is_duplicated(k)]
-    count = len(dup) if num_other is None else num_other
-    if count > len(rest):
-        raise ValueError(f"eval.num_other_prompts={count} exceeds the {len(rest)} non-duplicated pairs")
+    count = min(len(dup) if num_other is None else num_other, len(rest))
     picked = np.random.default_rng(seed).choice(len(rest), size=count, replace=False)
     return dup, [rest[i] for i in sorted(picked.tolist())]
 
 
-def detection_settings(magnitudes: torch.Tensor, labels: np.ndarray, settings: DictConfig) -> dict:
-    """Score each prompt by its mean magnitude over the first k steps and first n generations."""
+def detect(result: TrainResult, ec: DictConfig) -> dict:
+    """First-steps detection of duplicated against other training prompts, in every configured setting.
+
+    Each prompt is scored by its mean magnitude over the first k sampling steps and first n
+    generations; one early-stopped sampling pass serves all settings.
+    """
+    dc = ec.detection
+    dup, other = choose_prompts(result, dc.num_other_prompts, ec.seed + 1)
+    labels = np.array([1] * len(dup) + [0] * len(other))
+    captions = [result.data.dataset.captions[i] for i in dup + other]
+    steps = max(s.steps for s in dc.settings.values())
+    generations = max(s.generations for s in dc.settings.values())
+    magnitudes = first_steps_magnitudes(result.components, captions, [ec.seed + j for j in range(generations)],
+                                        ec.num_inference_steps, ec.guidance_scale, steps, ec.batch_size)
     out = {}
-    for name, s in settings.items():
-        if s.generations > magnitudes.shape[1] or s.steps > magnitudes.shape[2]:
-            raise ValueError(f"detection setting {name} needs {s.generations} generations x {s.steps} steps; "
-                             f"eval has {magnitudes.shape[1]} x {magnitudes.shape[2]}")
+    for name, s in dc.settings.items():
         scores = magnitudes[:, : s.generations, : s.steps].mean(dim=(1, 2)).numpy()
         out[name] = {**detection_metrics(scores, labels), "steps": s.steps, "generations": s.generations,
                      "mean_score_duplicated": float(scores[labels == 1].mean()),
-                     "mean_score_other": float(scores[labels == 0].mean())}
+                     "mean_score_other": float(scores[labels == 0].mean()),
+                     "prompts": {"duplicated": len(dup), "other": len(other)}}
     return out
 
 
@@ -61,7 +72,7 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     copy = torch.stack([copy_similarity(images[p], refs[p], caption_region(captions[p], resolution))
                         for p in range(len(indices))])  # [P, S]
     align = torch.stack([alignment(images[p], captions[p]) for p in range(len(indices))])
-    detection = detection_settings(magnitudes, labels, ec.detection.settings)
+    detection = detect(result, ec)
     default = detection[ec.detection.default]
     is_dup = torch.from_numpy(labels).bool()
     dropped = result.counts.dropped_fraction()
@@ -74,9 +85,11 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
                       "default": ec.detection.default, "settings": detection},
         "filter": {"kind": cfg.filter.kind, "dropped_fraction": dropped,
                    "seen": result.counts.seen, "dropped": result.counts.dropped},
+        "timing": {"seconds_per_step": result.seconds_per_step},
         "prompts": {"duplicated": len(dup), "other": len(other), "seeds": seeds},
     }
-    summary["copy"]["ratio"] = summary["copy"]["duplicated"] / max(summary["copy"]["other"], 1e-8)
+    # Other prompts' copy similarity sits near 0 (either sign); the floor keeps the ratio finite and honest.
+    summary["copy"]["ratio"] = summary["copy"]["duplicated"] / max(summary["copy"]["other"], COPY_RATIO_FLOOR)
     run_dir = Path(result.run_dir)
     write_json(run_dir / "summary.json", summary)
     torch.save({"captions": captions, "keys": [ds.keys[i] for i in indices], "seeds": seeds,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from filters.sampling import sample_prompts
 
 
 def detection_metrics(scores: np.ndarray, memorized: np.ndarray, max_fpr: float = 0.01) -> dict[str, float]:
@@ -19,3 +22,14 @@ def detection_metrics(scores: np.ndarray, memorized: np.ndarray, max_fpr: float 
         "auc": float(roc_auc_score(memorized, scores)),
         "tpr_at_1pct_fpr": float(tpr[fpr <= max_fpr].max()),
     }
+
+
+def first_steps_magnitudes(comps, prompts: list[str], seeds: list[int], num_inference_steps: int,
+                           guidance_scale: float, first_steps: int, batch_size: int) -> torch.Tensor:
+    """Magnitudes ``[P, S, first_steps]`` of every prompt x seed, stopping after ``first_steps``.
+
+    Many prompts share each forward, and sampling stops after the steps detection reads,
+    instead of generating whole trajectories one prompt at a time.
+    """
+    return sample_prompts(comps, prompts, seeds, num_inference_steps, guidance_scale, batch_size,
+                          stop_after=first_steps)[1]

@@ -7,6 +7,8 @@ observes the same gathered batch, so all ranks drop by the same rule under DDP.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from omegaconf import DictConfig
 
@@ -16,10 +18,13 @@ class FilterPolicy:
 
     name = "none"
 
-    def keep(self, magnitude: torch.Tensor, timesteps: torch.Tensor, step: int) -> torch.Tensor:
+    def keep(self, magnitude: torch.Tensor, timesteps: torch.Tensor, step: int,
+             prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Which samples enter the loss; ``prompt_ids`` are stable hashes of the captions."""
         return torch.ones_like(magnitude, dtype=torch.bool)
 
-    def observe(self, magnitude: torch.Tensor, timesteps: torch.Tensor, valid: torch.Tensor) -> None:
+    def observe(self, magnitude: torch.Tensor, timesteps: torch.Tensor, valid: torch.Tensor,
+                prompt_ids: torch.Tensor | None = None) -> None:
         """Update running statistics with the whole (all-rank) batch; ``valid`` marks captioned samples."""
 
     def state_dict(self) -> dict:
@@ -39,71 +44,112 @@ class FixedThreshold(FilterPolicy):
             raise ValueError(f"filter.threshold={threshold} must be > 0")
         self.threshold, self.start_step = threshold, start_step
 
-    def keep(self, magnitude, timesteps, step):
+    def keep(self, magnitude, timesteps, step, prompt_ids=None):
         if step < self.start_step:
             return super().keep(magnitude, timesteps, step)
         return magnitude <= self.threshold
 
 
 class TimestepCalibrated(FilterPolicy):
-    """Per-timestep-bucket thresholds calibrated from running robust statistics.
+    """Timestep-aware relative thresholds, optionally remembered per prompt.
 
-    The magnitude's scale changes with the timestep (about 2x between t=300 and t=900 on the
+    The magnitude's scale changes with the timestep (2-3x between t=900 and t=300 on the
     embedded model) and with training progress, so one fixed number drops by timestep rather
-    than by memorization. Each bucket keeps a window of recent magnitudes; a sample is dropped
-    when it lies more than ``z`` robust standard deviations (1.4826 MAD) above its bucket's
-    median. Buckets outside ``[min_timestep, max_timestep]`` never drop, because at low noise
-    the signal does not separate memorized samples (measured in BENCHMARKS.md).
+    than by memorization. Each timestep bucket keeps a window of recent magnitudes, and a
+    sample's *relative magnitude* is its magnitude over its bucket's median.
+
+    A single relative magnitude is a noisy judgement (one noise draw, one timestep), and at low
+    noise it hardly separates memorized samples. With ``memory_decay`` set, each prompt keeps a
+    running average of its relative magnitudes from the judged timesteps ``[min_timestep,
+    max_timestep]`` (a plain mean, then an EMA once it has ``1/memory_decay`` judgements), and the prompt is dropped at every timestep while that
+    average exceeds ``threshold``: a duplicated prompt is seen often, so its average is precise
+    and its copies leave the loss together. Without memory, a sample is dropped when its own
+    relative magnitude exceeds ``threshold`` inside the judged range.
     """
 
     name = "calibrated"
 
-    def __init__(self, num_train_timesteps: int, buckets: int = 10, z: float = 3.0, window: int = 512,
+    def __init__(self, num_train_timesteps: int, threshold: float = 1.3, buckets: int = 10, window: int = 512,
                  min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,
-                 start_step: int = 0):
-        if buckets < 1 or window < min_samples or min_samples < 2:
+                 start_step: int = 0, memory_decay: float | None = None, min_observations: int = 1):
+        if buckets < 1 or window < min_samples or min_samples < 1:
             raise ValueError(
-                f"filter needs buckets >= 1 and window >= min_samples >= 2, got {buckets}, {window}, {min_samples}"
+                f"filter needs buckets >= 1 and window >= min_samples >= 1, got {buckets}, {window}, {min_samples}"
             )
-        self.num_train_timesteps, self.buckets, self.z = num_train_timesteps, buckets, z
+        if memory_decay is not None and not 0 < memory_decay <= 1:
+            raise ValueError(f"filter.memory_decay={memory_decay} must lie in (0, 1] or be null")
+        self.num_train_timesteps, self.buckets, self.threshold = num_train_timesteps, buckets, threshold
         self.min_samples, self.start_step = min_samples, start_step
         self.min_timestep = min_timestep
         self.max_timestep = num_train_timesteps - 1 if max_timestep is None else max_timestep
+        self.memory_decay, self.min_observations = memory_decay, min_observations
         self.values = torch.full((buckets, window), float("nan"))
         self.cursor = torch.zeros(buckets, dtype=torch.long)
+        self.memory: dict[int, tuple[float, int]] = {}  # prompt id -> (average relative magnitude, count)
 
     def bucket_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         return (timesteps.long().cpu() * self.buckets // self.num_train_timesteps).clamp(max=self.buckets - 1)
 
-    def thresholds(self) -> torch.Tensor:
-        """Current per-bucket thresholds; ``inf`` where a bucket has too few samples."""
-        out = torch.full((self.buckets,), float("inf"))
+    def medians(self) -> torch.Tensor:
+        """Per-bucket median magnitude; ``nan`` where a bucket has too few samples."""
+        out = torch.full((self.buckets,), float("nan"))
         for b in range(self.buckets):
             seen = self.values[b][~self.values[b].isnan()]
             if seen.numel() >= self.min_samples:
-                median = seen.median()
-                out[b] = median + self.z * 1.4826 * (seen - median).abs().median()
+                out[b] = seen.median()
         return out
 
-    def keep(self, magnitude, timesteps, step):
+    def relative(self, magnitude: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Magnitude over its bucket's median (``nan`` while the bucket is uncalibrated)."""
+        return magnitude.float().cpu() / self.medians()[self.bucket_of(timesteps)]
+
+    def judged(self, timesteps: torch.Tensor) -> torch.Tensor:
+        t = timesteps.cpu()
+        return (t >= self.min_timestep) & (t <= self.max_timestep)
+
+    def keep(self, magnitude, timesteps, step, prompt_ids=None):
         if step < self.start_step:
             return super().keep(magnitude, timesteps, step)
-        limit = self.thresholds()[self.bucket_of(timesteps)].to(magnitude.device)
-        judged = (timesteps >= self.min_timestep) & (timesteps <= self.max_timestep)
-        return ~judged | (magnitude <= limit)
+        if self.memory_decay is None:
+            drop = self.judged(timesteps) & (self.relative(magnitude, timesteps) > self.threshold)
+        else:
+            if prompt_ids is None:
+                raise ValueError("filter.memory_decay needs prompt ids; the loop passes them")
+            drop = torch.tensor([self.remembered(int(p)) for p in prompt_ids.cpu()], dtype=torch.bool)
+        return ~drop.to(magnitude.device)
 
-    def observe(self, magnitude, timesteps, valid):
+    def remembered(self, prompt_id: int) -> bool:
+        score, count = self.memory.get(prompt_id, (0.0, 0))
+        return count >= self.min_observations and score > self.threshold
+
+    def observe(self, magnitude, timesteps, valid, prompt_ids=None):
+        valid = valid.cpu().bool()
+        if self.memory_decay is not None and prompt_ids is not None:
+            rel = self.relative(magnitude, timesteps)
+            use = valid & self.judged(timesteps) & ~rel.isnan()
+            for p, r in zip(prompt_ids.cpu()[use].tolist(), rel[use].tolist()):
+                score, count = self.memory.get(p, (0.0, 0))
+                # A plain mean until 1/decay judgements, then an EMA: early scores are not overweighted.
+                weight = max(self.memory_decay, 1.0 / (count + 1))
+                self.memory[p] = ((1 - weight) * score + weight * r, count + 1)
         window = self.values.shape[1]
-        for m, b in zip(magnitude[valid].float().cpu(), self.bucket_of(timesteps[valid])):
+        for m, b in zip(magnitude.float().cpu()[valid], self.bucket_of(timesteps)[valid]):
             self.values[b, self.cursor[b] % window] = m
             self.cursor[b] += 1
 
     def state_dict(self):
-        return {"values": self.values.clone(), "cursor": self.cursor.clone()}
+        return {"values": self.values.clone(), "cursor": self.cursor.clone(), "memory": dict(self.memory)}
 
     def load_state_dict(self, state):
         self.values.copy_(state["values"])
         self.cursor.copy_(state["cursor"])
+        self.memory = dict(state["memory"])
+
+
+def prompt_ids(captions: list[str]) -> torch.Tensor:
+    """Stable 63-bit hashes of captions: the same prompt gets the same id on every rank and run."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(c.encode(), digest_size=8).digest(), "little") >> 1
+                         for c in captions], dtype=torch.long)
 
 
 def build_policy(cfg: DictConfig, num_train_timesteps: int) -> FilterPolicy:
@@ -113,8 +159,9 @@ def build_policy(cfg: DictConfig, num_train_timesteps: int) -> FilterPolicy:
     if cfg.kind == "threshold":
         return FixedThreshold(cfg.threshold, cfg.start_step)
     if cfg.kind == "calibrated":
-        return TimestepCalibrated(num_train_timesteps, cfg.buckets, cfg.z, cfg.window, cfg.min_samples,
-                                  cfg.min_timestep, cfg.max_timestep, cfg.start_step)
+        return TimestepCalibrated(num_train_timesteps, cfg.threshold, cfg.buckets, cfg.window, cfg.min_samples,
+                                  cfg.min_timestep, cfg.max_timestep, cfg.start_step, cfg.memory_decay,
+                                  cfg.min_observations)
     raise ValueError(f"filter.kind={cfg.kind!r}; expected 'none', 'threshold' or 'calibrated'")
 
 

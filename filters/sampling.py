@@ -8,8 +8,15 @@ stop after the first steps instead of paying for the whole trajectory.
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from filters.magnitude import predict_pair, text_conditional_magnitude
+
+
+def latent_shape(unet) -> tuple[int, int, int]:
+    """``(channels, size, size)`` of one latent the UNet denoises."""
+    c = unet.config
+    return (c.in_channels, c.sample_size, c.sample_size)
 
 
 def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -38,3 +45,27 @@ def guided_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, lat
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents, torch.stack(magnitudes)
+
+
+def sample_prompts(comps, prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float,
+                   batch_size: int, stop_after: int | None = None, progress: bool = False,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents ``[P, S, ...]`` and magnitudes ``[P, S, steps_run]`` for every prompt x seed.
+
+    Many (prompt, seed) pairs share each forward; seed ``s`` gives the same sample whatever
+    the batch, so results do not depend on ``batch_size``.
+    """
+    pairs = [(p, s) for p in range(len(prompts)) for s in seeds]
+    uncond = comps.encode_text([""])
+    scheduler = comps.sampling_scheduler()
+    latents_out, mags = [], []
+    for start in tqdm(range(0, len(pairs), batch_size), desc="sample", disable=not progress):
+        chunk = pairs[start:start + batch_size]
+        cond = comps.encode_text([prompts[p] for p, _ in chunk])
+        latents = initial_latents([s for _, s in chunk], latent_shape(comps.unet), comps.unet.device)
+        latents, magnitude = guided_sample(comps.unet, scheduler, cond, uncond, latents, num_steps,
+                                           guidance_scale, stop_after=stop_after)
+        latents_out.append(latents)
+        mags.append(magnitude.T.cpu())
+    shape = (len(prompts), len(seeds))
+    return torch.cat(latents_out).view(*shape, *latents_out[0].shape[1:]), torch.cat(mags).view(*shape, -1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from data.dataset import TrainingData, build_data
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
-from filters.policy import build_policy, filtered_mean
+from filters.policy import build_policy, filtered_mean, prompt_ids
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
 from train.components import Components, build_components
 from train.sampler import StepBatchSampler, step_generator
@@ -64,6 +65,7 @@ class TrainResult:
     data: TrainingData
     counts: FilterCounts
     accelerator: Accelerator
+    seconds_per_step: float
 
 
 def collate(items: list[dict]) -> dict:
@@ -150,12 +152,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                                accelerator.num_processes, start_micro_step=start_step * accum)
     loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
     uncond = comps.encode_text([""]).to(weight_dtype)
+    # filter=none may skip the unconditional forward (plain fine-tuning, the benchmarks' baseline).
+    with_magnitude = cfg.filter.kind != "none" or cfg.filter.get("compute_magnitude", True)
     sched = comps.noise_scheduler
     quiet = bool(os.environ.get("CI")) or not cfg.logging.progress
     bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train",
                disable=quiet or not accelerator.is_main_process)
     batches = iter(loader)
     window: list[dict] = []
+    started, timed_from = time.perf_counter(), start_step
     for step in bar:
         for micro in range(accum):
             micro_step = step * accum + micro
@@ -175,15 +180,19 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             target = training_target(comps, latents, noise, timesteps)
 
             with accelerator.accumulate(unet):
-                with torch.no_grad():
-                    eps_uncond = unet(noisy, timesteps, uncond.expand(n, -1, -1)).sample
                 pred = unet(noisy, timesteps, cond).sample
-                magnitude = text_conditional_magnitude(pred.detach(), eps_uncond)
-                keep = policy.keep(magnitude, timesteps, step).to(latents.device)
+                if with_magnitude:
+                    with torch.no_grad():
+                        eps_uncond = unet(noisy, timesteps, uncond.expand(n, -1, -1)).sample
+                    magnitude = text_conditional_magnitude(pred.detach(), eps_uncond)
+                else:
+                    magnitude = torch.full((n,), math.nan, device=latents.device)
+                ids = prompt_ids(batch["caption"]).to(latents.device)
+                keep = policy.keep(magnitude, timesteps, step, ids)
                 dup = batch["duplicated"].to(latents.device)
-                g_mag, g_t, g_valid, g_keep, g_dup = accelerator.gather(
-                    (magnitude, timesteps, captioned.to(latents.device), keep, dup))
-                policy.observe(g_mag, g_t, g_valid)
+                g_mag, g_t, g_valid, g_keep, g_dup, g_ids = accelerator.gather(
+                    (magnitude, timesteps, captioned.to(latents.device), keep, dup, ids))
+                policy.observe(g_mag, g_t, g_valid, g_ids)
                 counts.add(g_dup.cpu(), g_keep.cpu())
                 per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 loss = filtered_mean(per_sample, keep, int(g_keep.sum()), accelerator.num_processes)
@@ -197,6 +206,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         if ema is not None:
             ema.step(unet.parameters())
         done = step + 1
+        if done == start_step + 1 and tc.steps - start_step > 1:  # time from the end of the first (warm-up) step
+            started, timed_from = time.perf_counter(), done
         if done % cfg.logging.every == 0 or done == tc.steps:
             record = summarize_window(window, done, lr_scheduler.get_last_lr()[0], counts)
             window.clear()
@@ -208,6 +219,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             save_checkpoint(accelerator, ckpt_root, done, tc.checkpoints_total_limit)
 
     accelerator.wait_for_everyone()
+    seconds_per_step = (time.perf_counter() - started) / max(tc.steps - timed_from, 1)
     final = accelerator.unwrap_model(unet)
     if ema is not None:
         ema.store(final.parameters())
@@ -216,14 +228,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if accelerator.is_main_process:
         comps.save(run_dir / "model")
     accelerator.wait_for_everyone()
-    return TrainResult(run_dir=run_dir, components=comps, data=data, counts=counts, accelerator=accelerator)
+    return TrainResult(run_dir=run_dir, components=comps, data=data, counts=counts, accelerator=accelerator,
+                       seconds_per_step=seconds_per_step)
 
 
 def step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator) -> dict:
     """What one micro-step contributes to the logs (all ranks' samples)."""
     loss = accelerator.gather(per_sample.detach()).float()
     kept = g_keep.bool()
-    return {"loss": float(loss[kept].mean()) if kept.any() else math.nan,
+    empty_ranks = int((~kept.view(accelerator.num_processes, -1).any(dim=1)).sum())
+    return {"loss": float(loss[kept].mean()) if kept.any() else math.nan, "empty_ranks": empty_ranks,
             "mag": g_mag.float().cpu(), "t": g_t.cpu(), "valid": g_valid.cpu(), "keep": kept.cpu(),
             "dup": g_dup.cpu()}
 
@@ -233,7 +247,8 @@ def summarize_window(window: list[dict], step: int, lr: float, counts: FilterCou
     cat = {k: torch.cat([w[k] for w in window]) for k in ("mag", "t", "valid", "keep", "dup")}
     losses = [w["loss"] for w in window if not math.isnan(w["loss"])]
     record = {"step": step, "lr": lr, "loss": sum(losses) / len(losses) if losses else math.nan,
-              "kept_fraction": float(cat["keep"].float().mean())}
+              "kept_fraction": float(cat["keep"].float().mean()),
+              "ranks_all_dropped": sum(w["empty_ranks"] for w in window)}
     valid = cat["valid"].bool()
     for name, sel in (("duplicated", cat["dup"].bool()), ("other", ~cat["dup"].bool())):
         record[f"kept_fraction/{name}"] = float(cat["keep"][sel].float().mean()) if sel.any() else math.nan

@@ -1,0 +1,91 @@
+"""Step time and peak memory of filtered against plain training steps, measured in one run.
+
+Each configuration trains in its own process (so peak memory is its own) for ``--steps``
+steps; the first step is warm-up and not timed. Prints one JSON line per configuration and the
+ratios ``filtered / plain``. Presets:
+
+- ``embedded``: the default embedded model on whatever device is present;
+- ``sd14``: a UNet of Stable Diffusion v1.4's size (860M parameters: blocks 320/640/1280/1280,
+  cross-attention width 768, 77 tokens) with random weights, 64x64 inputs, batch 8, fp16, as
+  Wen et al.'s fine-tune; it needs a GPU to finish in reasonable time.
+
+    python bench/step_time.py --preset embedded --steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+
+PRESETS = {
+    "embedded": [],
+    "sd14": [
+        "data.world.resolution=64", "data.world.num_pairs=256", "data.duplication.num_duplicated=8",
+        "data.duplication.copies=4", "train.batch_size=8", "train.mixed_precision=fp16",
+        "model.text_encoder.hidden_size=768", "model.text_encoder.heads=12", "model.text_encoder.max_length=77",
+        "model.unet.layers_per_block=2", "model.unet.block_out_channels=[320,640,1280,1280]",
+        "model.unet.down_block_types=[CrossAttnDownBlock2D,CrossAttnDownBlock2D,CrossAttnDownBlock2D,DownBlock2D]",
+        "model.unet.up_block_types=[UpBlock2D,CrossAttnUpBlock2D,CrossAttnUpBlock2D,CrossAttnUpBlock2D]",
+        "model.unet.attention_head_dim=8", "model.unet.norm_num_groups=32",
+    ],
+}
+CONFIGS = {
+    "plain": ["filter=none", "filter.compute_magnitude=false"],
+    "magnitude_logged": ["filter=none"],
+    "filtered": ["filter=calibrated", "filter.min_samples=8"],
+}
+
+
+def measure(overrides: list[str]) -> dict:
+    """Train in this process; report seconds per step and peak memory."""
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from train.loop import train
+
+    with initialize_config_module("configs", version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+        cfg = compose("train", overrides=[*overrides, f"run_dir={tmp}"])
+        result = train(cfg, tmp)
+        params = sum(p.numel() for p in result.components.unet.parameters())
+    cuda = torch.cuda.is_available()
+    return {
+        "seconds_per_step": result.seconds_per_step,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "unet_parameters": params,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every configuration")
+    args = parser.parse_args()
+    common = [*PRESETS[args.preset], f"train.steps={args.steps}", "eval.enabled=false", "train.checkpoint_every=0",
+              "logging.wandb.enabled=false", "logging.progress=false", f"logging.every={args.steps}", *args.overrides]
+    if args.child:
+        print("RESULT " + json.dumps(measure([*common, *CONFIGS[args.child]])), flush=True)
+        return
+    results = {}
+    for name in CONFIGS:
+        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
+                              "--child", name, *args.overrides], capture_output=True, text=True, check=True)
+        results[name] = json.loads(out.stdout.split("RESULT ", 1)[1])
+        print(json.dumps({"config": name, "preset": args.preset, **results[name]}), flush=True)
+    base = results["plain"]
+    for name in ("magnitude_logged", "filtered"):
+        ratio = results[name]["seconds_per_step"] / base["seconds_per_step"]
+        mem_key = "peak_gpu_mib" if base["peak_gpu_mib"] else "peak_rss_mib"
+        print(f"{args.preset}: {name}/plain step time {ratio:.3f}x, peak memory "
+              f"{results[name][mem_key] / base[mem_key]:.3f}x ({mem_key})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
