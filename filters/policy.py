@@ -62,8 +62,9 @@ class TimestepCalibrated(FilterPolicy):
     noise it hardly separates memorized samples. With ``memory_decay`` set, each prompt keeps a
     running average of its relative magnitudes from the judged timesteps ``[min_timestep,
     max_timestep]`` (a plain mean, then an EMA once it has ``1/memory_decay`` judgements), and
-    the prompt is dropped at every timestep while that average exceeds ``threshold``: a duplicated prompt is seen often, so its average is precise
-    and its copies leave the loss together. Without memory, a sample is dropped when its own
+    the prompt is dropped at every timestep while that average exceeds ``threshold``: a
+    duplicated prompt is seen often, so its average is precise and its copies leave the loss
+    together. Without memory, a sample is dropped when its own
     relative magnitude exceeds ``threshold`` inside the judged range.
     """
 
