@@ -28,7 +28,7 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "black": (0.0, 0.0, 0.0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-SIZES: dict[str, float] = {"small": 0.15, "big": 0.24}  # half-extent as a fraction of the side
+SIZES: dict[str, float] = {"small": 0.13, "big": 0.2}  # half-extent as a fraction of the side
 POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) centre as a fraction of the side
     "top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
     "left": (0.27, 0.5), "center": (0.5, 0.5), "right": (0.73, 0.5),
@@ -38,7 +38,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS),
 }
 # Background channels stay in this band so no background pixel passes for a palette colour.
-BACKGROUND_RANGE = (0.3, 0.7)
+BACKGROUND_RANGE = (0.1, 0.9)
 ID_WORD = "item"
 VOCABULARY: tuple[str, ...] = tuple(
     sorted({"a", ID_WORD, *COLORS, *SHAPES, *SIZES, *(w for p in POSITIONS for w in p.split())})
@@ -51,7 +51,7 @@ class WorldConfig:
 
     num_pairs: int = 2000
     resolution: int = 16
-    background_cells: int = 3
+    background_cells: int = 4
     id_digits: int = 4
     seed: int = 0
 

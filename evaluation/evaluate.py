@@ -99,7 +99,8 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     rows = [(("DUP " if labels[p] else "") + captions[p], refs[p], images[p])
             for p in [*range(min(k, len(dup))), *range(len(dup), len(dup) + min(k, len(other)))]]
     grid = save_grid(run_dir / "grid.png", rows)
-    log_to_tracker(summary, {"eval/grid": grid})
+    if cfg.logging.wandb.enabled:
+        log_to_tracker(summary, {"eval/grid": grid})
     return summary
 
 

@@ -65,3 +65,48 @@ def test_two_process_ddp_with_filter_and_empty_rank(tmp_path):
     assert sum(r["ranks_all_dropped"] for r in records) >= 1, "no step had a rank drop its whole batch"
     assert any(r["kept_fraction"] > 0 for r in records)
     assert unet_weights(tmp_path)  # the final model was written once, by the main process
+
+
+def test_demo_writes_side_by_side_comparison(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli(python_cli("train.demo", *MICRO, "train.steps=6", "filter.min_samples=4",
+                              "demo.progress_every=1", f"hydra.run.dir={out}"), cwd=tmp_path)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last == str(out / "comparison.json")
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["unfiltered"]["filter"]["kind"] == "none"
+    assert comparison["filtered"]["filter"]["kind"] == "calibrated"
+    assert comparison["unfiltered"]["filter"]["dropped_fraction"] == {"duplicated": 0.0, "other": 0.0}
+    # Same seed, same world: both runs saw the same samples.
+    assert comparison["unfiltered"]["filter"]["seen"] == comparison["filtered"]["filter"]["seen"]
+    table = (out / "comparison.md").read_text()
+    assert "| copy/duplicated |" in table and "| filter/dropped_fraction/other |" in table
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison.csv").exists()
+    assert list((out / "wandb").glob("offline-run-*"))
+    for variant in ("unfiltered", "filtered"):
+        assert list((out / variant / "wandb").glob("offline-run-*"))
+
+
+def test_model_sd_fine_tunes_a_saved_diffusers_folder(tmp_path):
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    quick = [*MICRO, "train.steps=2", "eval.enabled=false", "logging.wandb.enabled=false"]
+    run_cli(python_cli("train", *quick, f"run_dir={base}"), cwd=tmp_path)
+    run_cli(python_cli("train", *quick, "train.steps=3", "model=sd", f"model.pretrained={base / 'model'}",
+                       "model.local_files_only=true", f"run_dir={tuned}"), cwd=tmp_path)
+    before, after = unet_weights(base), unet_weights(tuned)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained from the loaded weights
+    frozen = [load_file(d / "model" / "text_encoder" / "model.safetensors") for d in (base, tuned)]
+    assert all(torch.equal(frozen[0][k], v) for k, v in frozen[1].items())
+
+
+def test_bad_model_path_fails_with_one_clear_line(tmp_path):
+    import subprocess
+
+    from tests.conftest import ENV
+
+    proc = subprocess.run(python_cli("train", *MICRO, "model=sd", f"model.pretrained={tmp_path}",
+                                     f"run_dir={tmp_path / 'r'}"), cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"model path {tmp_path} has no unet/ subfolder" in proc.stderr

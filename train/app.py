@@ -20,7 +20,10 @@ def run(cfg: DictConfig) -> dict | None:
 
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as err:  # bad config or input: one line, no traceback
+        raise SystemExit(f"memsieve-train: error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -60,8 +60,10 @@ def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: i
             print("[memsieve-demo] " + ", ".join(f"{v} step {last_step(dirs[v])}/{total}" for v in procs), flush=True)
     for variant, proc in procs.items():
         if proc.returncode != 0:
-            raise SystemExit(f"[memsieve-demo] the {variant} run failed (exit {proc.returncode}); "
-                             f"see {dirs[variant] / 'train.log'}")
+            log = dirs[variant] / "train.log"
+            lines = log.read_text().strip().splitlines() or [""]
+            raise SystemExit(f"[memsieve-demo] the {variant} run failed (exit {proc.returncode}): {lines[-1]} "
+                             f"(full log: {log})")
 
 
 @hydra.main(config_path="pkg://configs", config_name="demo", version_base="1.3")

@@ -33,8 +33,6 @@ from train.components import Components, build_components
 from train.sampler import StepBatchSampler, step_generator
 from train.tracking import JsonlLog, wandb_init_kwargs
 
-log = logging.getLogger(__name__)
-
 
 @dataclass
 class FilterCounts:
@@ -100,6 +98,7 @@ def training_target(comps: Components, latents, noise, timesteps) -> torch.Tenso
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Train per ``cfg`` into ``run_dir``; resume from its latest checkpoint when asked."""
     tc = cfg.train
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file checkpoint INFO lines drown the log
     accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
                               mixed_precision=tc.mixed_precision,
                               log_with="wandb" if cfg.logging.wandb.enabled else None)
@@ -209,12 +208,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         if done == start_step + 1 and tc.steps - start_step > 1:  # time from the end of the first (warm-up) step
             started, timed_from = time.perf_counter(), done
         if done % cfg.logging.every == 0 or done == tc.steps:
-            record = summarize_window(window, done, lr_scheduler.get_last_lr()[0], counts)
+            record, groups = summarize_window(window, done, lr_scheduler.get_last_lr()[0], counts)
             window.clear()
             if accelerator.is_main_process:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record['kept_fraction']:.3f}")
-            accelerator.log(record, step=done)
+                accelerator.log({**record, **histograms(groups, cfg.logging.wandb.enabled)}, step=done)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
             save_checkpoint(accelerator, ckpt_root, done, tc.checkpoints_total_limit)
 
@@ -242,19 +241,35 @@ def step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator) -> 
             "dup": g_dup.cpu()}
 
 
-def summarize_window(window: list[dict], step: int, lr: float, counts: FilterCounts) -> dict:
-    """Loss, kept fraction and magnitude split by duplicated/other and by noise level."""
+def summarize_window(window: list[dict], step: int, lr: float, counts: FilterCounts,
+                     ) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Loss, kept fraction and magnitude split by duplicated/other and by noise level; also the
+    window's magnitudes per group for histograms."""
     cat = {k: torch.cat([w[k] for w in window]) for k in ("mag", "t", "valid", "keep", "dup")}
     losses = [w["loss"] for w in window if not math.isnan(w["loss"])]
     record = {"step": step, "lr": lr, "loss": sum(losses) / len(losses) if losses else math.nan,
               "kept_fraction": float(cat["keep"].float().mean()),
               "ranks_all_dropped": sum(w["empty_ranks"] for w in window)}
     valid = cat["valid"].bool()
+    groups = {}
     for name, sel in (("duplicated", cat["dup"].bool()), ("other", ~cat["dup"].bool())):
         record[f"kept_fraction/{name}"] = float(cat["keep"][sel].float().mean()) if sel.any() else math.nan
         for band, lo, hi in (("all", 0, 1000), ("t<500", 0, 500), ("t>=500", 500, 1000)):
             m = sel & valid & (cat["t"] >= lo) & (cat["t"] < hi)
             record[f"magnitude/{name}/{band}"] = float(cat["mag"][m].mean()) if m.any() else math.nan
+        groups[name] = cat["mag"][sel & valid & ~cat["mag"].isnan()]
+        for q in (10, 50, 90):
+            values = groups[name]
+            record[f"magnitude/{name}/p{q}"] = float(values.quantile(q / 100)) if values.numel() else math.nan
     for name, frac in counts.dropped_fraction().items():
         record[f"dropped_fraction/{name}"] = frac
-    return record
+    return record, groups
+
+
+def histograms(groups: dict[str, torch.Tensor], enabled: bool) -> dict:
+    """W&B histograms of the window's magnitudes, duplicated against other samples."""
+    if not enabled:
+        return {}
+    import wandb
+
+    return {f"magnitude_hist/{name}": wandb.Histogram(v.numpy()) for name, v in groups.items() if v.numel()}
