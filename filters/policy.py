@@ -72,21 +72,27 @@ class TimestepCalibrated(FilterPolicy):
 
     def __init__(self, num_train_timesteps: int, threshold: float = 1.3, buckets: int = 10, window: int = 512,
                  min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,
-                 start_step: int = 0, memory_decay: float | None = None, min_observations: int = 1):
+                 start_step: int = 0, memory_decay: float | None = None, min_observations: int = 1,
+                 baseline_observations: int = 0):
         if buckets < 1 or window < min_samples or min_samples < 1:
             raise ValueError(
                 f"filter needs buckets >= 1 and window >= min_samples >= 1, got {buckets}, {window}, {min_samples}"
             )
         if memory_decay is not None and not 0 < memory_decay <= 1:
             raise ValueError(f"filter.memory_decay={memory_decay} must lie in (0, 1] or be null")
+        if baseline_observations and min_observations <= baseline_observations:
+            raise ValueError(f"filter.min_observations={min_observations} must exceed "
+                             f"filter.baseline_observations={baseline_observations}")
         self.num_train_timesteps, self.buckets, self.threshold = num_train_timesteps, buckets, threshold
         self.min_samples, self.start_step = min_samples, start_step
         self.min_timestep = min_timestep
         self.max_timestep = num_train_timesteps - 1 if max_timestep is None else max_timestep
         self.memory_decay, self.min_observations = memory_decay, min_observations
+        self.baseline_observations = baseline_observations
         self.values = torch.full((buckets, window), float("nan"))
         self.cursor = torch.zeros(buckets, dtype=torch.long)
-        self.memory: dict[int, tuple[float, int]] = {}  # prompt id -> (average relative magnitude, count)
+        # prompt id -> (judgements, baseline: mean of the first ones, running average since)
+        self.memory: dict[int, tuple[int, float, float]] = {}
 
     def bucket_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         return (timesteps.long().cpu() * self.buckets // self.num_train_timesteps).clamp(max=self.buckets - 1)
@@ -119,9 +125,14 @@ class TimestepCalibrated(FilterPolicy):
             drop = torch.tensor([self.remembered(int(p)) for p in prompt_ids.cpu()], dtype=torch.bool)
         return ~drop.to(magnitude.device)
 
+    def score(self, prompt_id: int) -> float:
+        """A prompt's running relative magnitude, over its own baseline when one is kept."""
+        count, baseline, average = self.memory.get(prompt_id, (0, 1.0, 0.0))
+        return average / baseline if self.baseline_observations else average
+
     def remembered(self, prompt_id: int) -> bool:
-        score, count = self.memory.get(prompt_id, (0.0, 0))
-        return count >= self.min_observations and score > self.threshold
+        count = self.memory.get(prompt_id, (0,))[0]
+        return count >= self.min_observations and self.score(prompt_id) > self.threshold
 
     def observe(self, magnitude, timesteps, valid, prompt_ids=None):
         valid = valid.cpu().bool()
@@ -129,10 +140,15 @@ class TimestepCalibrated(FilterPolicy):
             rel = self.relative(magnitude, timesteps)
             use = valid & self.judged(timesteps) & ~rel.isnan()
             for p, r in zip(prompt_ids.cpu()[use].tolist(), rel[use].tolist()):
-                score, count = self.memory.get(p, (0.0, 0))
-                # A plain mean until 1/decay judgements, then an EMA: early scores are not overweighted.
-                weight = max(self.memory_decay, 1.0 / (count + 1))
-                self.memory[p] = ((1 - weight) * score + weight * r, count + 1)
+                count, baseline, average = self.memory.get(p, (0, 0.0, 0.0))
+                k = self.baseline_observations
+                if count < k:  # still measuring the prompt's own level
+                    baseline = (baseline * count + r) / (count + 1)
+                    average = baseline
+                else:  # a plain mean until 1/decay judgements, then an EMA
+                    weight = max(self.memory_decay, 1.0 / (count - k + 1))
+                    average = (1 - weight) * average + weight * r
+                self.memory[p] = (count + 1, baseline, average)
         window = self.values.shape[1]
         for m, b in zip(magnitude.float().cpu()[valid], self.bucket_of(timesteps)[valid]):
             self.values[b, self.cursor[b] % window] = m
@@ -162,7 +178,7 @@ def build_policy(cfg: DictConfig, num_train_timesteps: int) -> FilterPolicy:
     if cfg.kind == "calibrated":
         return TimestepCalibrated(num_train_timesteps, cfg.threshold, cfg.buckets, cfg.window, cfg.min_samples,
                                   cfg.min_timestep, cfg.max_timestep, cfg.start_step, cfg.memory_decay,
-                                  cfg.min_observations)
+                                  cfg.min_observations, cfg.get("baseline_observations", 0))
     raise ValueError(f"filter.kind={cfg.kind!r}; expected 'none', 'threshold' or 'calibrated'")
 
 

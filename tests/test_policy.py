@@ -70,7 +70,7 @@ def test_prompt_memory_drops_a_remembered_prompt_at_every_timestep_and_round_tri
         policy.observe(torch.tensor([2.0]), torch.tensor([800]), torch.tensor([True]), loud)
         policy.observe(torch.tensor([1.0]), torch.tensor([900]), torch.tensor([True]), torch.tensor([3]))
     policy.observe(torch.tensor([9.0]), torch.tensor([100]), torch.tensor([True]), torch.tensor([3]))  # unjudged t
-    assert policy.memory[7][1] == 2 and policy.memory[7][0] > 1.3
+    assert policy.memory[7][0] == 2 and policy.score(7) > 1.3
     keep = policy.keep(torch.tensor([0.1, 0.1]), torch.tensor([10, 10]), step=0, prompt_ids=torch.tensor([7, 3]))
     assert keep.tolist() == [False, True]
     clone = TimestepCalibrated(1000, threshold=1.3, buckets=1, window=64, min_samples=8, min_timestep=600,
@@ -83,3 +83,18 @@ def test_prompt_ids_are_stable_and_distinct():
     a = prompt_ids(["a big red circle", "a big red circle", "a small red circle"])
     assert a[0] == a[1] != a[2] and (a >= 0).all()
     assert torch.equal(a, prompt_ids(["a big red circle", "a big red circle", "a small red circle"]))
+
+
+def test_own_baseline_flags_a_rise_not_a_loud_prompt():
+    policy = TimestepCalibrated(1000, threshold=1.2, buckets=1, window=64, min_samples=8, min_timestep=600,
+                                memory_decay=0.5, min_observations=4, baseline_observations=2)
+    judged, valid = torch.tensor([800]), torch.tensor([True])
+    policy.observe(torch.ones(8), torch.full((8,), 800), torch.ones(8, dtype=torch.bool), torch.arange(8))
+    loud, rising = torch.tensor([100]), torch.tensor([200])
+    for level in (2.0, 2.0, 2.0, 2.0):  # always twice the median: its own normal
+        policy.observe(torch.tensor([level]), judged, valid, loud)
+    for level in (1.0, 1.0, 1.5, 1.5):  # starts ordinary, then rises by half
+        policy.observe(torch.tensor([level]), judged, valid, rising)
+    assert policy.score(100) == 1.0 and policy.score(200) > 1.2
+    keep = policy.keep(torch.ones(2), torch.tensor([100, 100]), step=0, prompt_ids=torch.tensor([100, 200]))
+    assert keep.tolist() == [True, False]

@@ -1,8 +1,11 @@
 """``memsieve-demo``: the main job. Unfiltered and filtered runs, same seed, side by side.
 
-Each variant is a real ``memsieve-train`` run in its own process. On a CPU-only machine the
-two run at once with half the cores each (small models use two threads poorly, so this is
-about 1.3x faster than one after the other); with a GPU they run one after the other.
+As Wen et al. fine-tuned a pretrained Stable Diffusion, the demo first trains a base model on a
+disjoint world without duplicates (the embedded stand-in for SD's pretrained weights), then
+fine-tunes it twice on the default world with injected duplicates. Each run is a real
+``memsieve-train`` process. On a CPU-only machine the two fine-tunes run at once with half the
+cores each (small models use two threads poorly, so this is about 1.3x faster than one after
+the other); with a GPU they run one after the other.
 """
 
 from __future__ import annotations
@@ -24,13 +27,28 @@ from evaluation.compare import write_comparison
 VARIANTS = ("unfiltered", "filtered")
 
 
-def variant_overrides(task: list[str], variant: str, default_filter: str) -> list[str]:
-    """The user's overrides for one variant: the unfiltered run ignores every ``filter`` override."""
-    others = [o for o in task if not o.lstrip("+~").startswith(("filter", "demo.", "hydra."))]
+def key_of(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def pretrain_overrides(task: list[str], pretrain: DictConfig) -> list[str]:
+    """The base run: the user's model, seed and train settings on a disjoint duplicate-free world."""
+    kept = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra", "data", "eval", "train.steps"))]
+    return [*kept, *pretrain.overrides, f"train.steps={pretrain.steps}", "filter=none",
+            "filter.compute_magnitude=false", "eval.enabled=false"]
+
+
+def variant_overrides(task: list[str], variant: str, default_filter: str, base: Path | None) -> list[str]:
+    """One fine-tune's overrides: the unfiltered run ignores every ``filter`` override; with a base
+    model, ``model.*`` overrides went into the base run and the fine-tunes load its folder."""
+    others = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra"))]
+    if base is not None:
+        others = [o for o in others if not key_of(o).startswith("model")]
+        others += ["model=sd", f"model.pretrained={base}", "model.local_files_only=true"]
     if variant == "unfiltered":
         return [*others, "filter=none"]
-    chosen = [o for o in task if o.startswith("filter=")]
-    extra = [o for o in task if o.lstrip("+~").startswith("filter.")]
+    chosen = [o for o in task if key_of(o) == "filter"]
+    extra = [o for o in task if key_of(o).startswith("filter.")]
     return [*others, *(chosen or [f"filter={default_filter}"]), *extra]
 
 
@@ -73,9 +91,16 @@ def main(cfg: DictConfig) -> None:
     dirs = {v: out / v for v in VARIANTS}
     parallel = cfg.demo.parallel if cfg.demo.parallel != "auto" else not torch.cuda.is_available()
     threads = max(1, (os.cpu_count() or 2) // len(VARIANTS)) if parallel else None
+    base = None
+    if cfg.demo.pretrain.steps:
+        pre_dir = out / "pretrain"
+        proc = launch("pretrain", pretrain_overrides(task, cfg.demo.pretrain), pre_dir, None)
+        wait_all({"pretrain": proc}, {"pretrain": pre_dir}, cfg.demo.pretrain.steps, cfg.demo.progress_every)
+        base = pre_dir / "model"
     procs = {}
     for variant in VARIANTS:
-        procs[variant] = launch(variant, variant_overrides(task, variant, cfg.demo.filter), dirs[variant], threads)
+        overrides = variant_overrides(task, variant, cfg.demo.filter, base)
+        procs[variant] = launch(variant, overrides, dirs[variant], threads)
         if not parallel:
             wait_all({variant: procs[variant]}, dirs, cfg.train.steps, cfg.demo.progress_every)
     wait_all(procs, dirs, cfg.train.steps, cfg.demo.progress_every)
