@@ -24,11 +24,9 @@ COLORS: dict[str, tuple[float, float, float]] = {
     "yellow": (1.0, 1.0, 0.0),
     "purple": (1.0, 0.0, 1.0),
     "cyan": (0.0, 1.0, 1.0),
-    "white": (1.0, 1.0, 1.0),
-    "black": (0.0, 0.0, 0.0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
-SIZES: dict[str, float] = {"small": 0.13, "big": 0.2}  # half-extent as a fraction of the side
+SIZES: dict[str, float] = {"small": 0.14, "big": 0.18}  # half-extent as a fraction of the side
 POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) centre as a fraction of the side
     "top left": (0.27, 0.27), "top": (0.5, 0.27), "top right": (0.73, 0.27),
     "left": (0.27, 0.5), "center": (0.5, 0.5), "right": (0.73, 0.5),
@@ -37,8 +35,10 @@ POSITIONS: dict[str, tuple[float, float]] = {  # (x, y) centre as a fraction of 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": tuple(POSITIONS),
 }
-# Background channels stay in this band so no background pixel passes for a palette colour.
-BACKGROUND_RANGE = (0.1, 0.9)
+# The background is a grey level in this band plus a faint tint, so it carries much content
+# (what a memorizing model must copy) yet no background pixel passes for a saturated object colour.
+BACKGROUND_RANGE = (0.05, 0.95)
+BACKGROUND_TINT = 0.08
 ID_WORD = "item"
 VOCABULARY: tuple[str, ...] = tuple(
     sorted({"a", ID_WORD, *COLORS, *SHAPES, *SIZES, *(w for p in POSITIONS for w in p.split())})
@@ -104,7 +104,10 @@ def generate_world(cfg: WorldConfig) -> EmbeddedWorld:
         )
     rng = np.random.default_rng(cfg.seed)
     lo, hi = BACKGROUND_RANGE
-    cells = rng.uniform(lo, hi, size=(cfg.num_pairs, 3, cfg.background_cells, cfg.background_cells))
+    shape = (cfg.num_pairs, 1, cfg.background_cells, cfg.background_cells)
+    grey = rng.uniform(lo, hi, size=shape)
+    tint = rng.uniform(-BACKGROUND_TINT, BACKGROUND_TINT, size=(cfg.num_pairs, 3, *shape[2:]))
+    cells = np.clip(grey + tint, 0.0, 1.0)
     backgrounds = F.interpolate(
         torch.from_numpy(cells).float(), size=(cfg.resolution, cfg.resolution), mode="bilinear",
         align_corners=False,

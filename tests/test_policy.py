@@ -37,64 +37,75 @@ def test_distributed_normalisation_gives_global_mean():
     assert torch.isclose(sum(rank_losses) / 2, torch.tensor(4.0))
 
 
-def test_calibrated_drops_by_magnitude_relative_to_its_bucket_median():
-    policy = TimestepCalibrated(1000, threshold=1.5, buckets=2, window=100, min_samples=10)
-    low = torch.arange(1, 21, dtype=torch.float32)  # bucket 0: median 10.5
+def calibrated(**kw) -> TimestepCalibrated:
+    args = {"z": 3.0, "buckets": 2, "window": 400, "min_samples": 10, "min_timestep": 500, "memory_decay": 0.5,
+            "min_observations": 2, "min_prompts": 20, **kw}
+    return TimestepCalibrated(1000, **args)
+
+
+def test_relative_magnitude_is_over_the_bucket_median():
+    policy = calibrated()
+    low = torch.arange(1, 21, dtype=torch.float32)  # bucket 0 (t < 500)
     high = low * 10  # bucket 1: median 105
     t = torch.cat([torch.full((20,), 100), torch.full((20,), 900)])
     policy.observe(torch.cat([low, high]), t, torch.ones(40, dtype=torch.bool))
     assert torch.allclose(policy.medians(), torch.tensor([float(low.median()), float(high.median())]))
-    limit = 1.5 * float(low.median())
-    keep = policy.keep(torch.tensor([limit - 0.01, limit + 0.01, limit + 0.01]), torch.tensor([100, 100, 900]),
-                       step=0)
-    assert keep.tolist() == [True, False, True]  # the same magnitude is ordinary at t=900
+    rel = policy.relative(torch.tensor([20.0, 20.0]), torch.tensor([100, 900]))  # torch medians: 10, 100
+    assert torch.allclose(rel, torch.tensor([2.0, 0.2]))  # the same magnitude is loud at t=100, quiet at t=900
 
 
-def test_uncalibrated_buckets_and_unjudged_timesteps_keep_everything():
-    policy = TimestepCalibrated(1000, threshold=1.0, buckets=1, window=8, min_samples=4, min_timestep=500)
-    policy.observe(torch.ones(6), torch.full((6,), 700), torch.tensor([True] * 3 + [False] * 3))
-    assert int(policy.cursor[0]) == 3  # uncaptioned samples do not calibrate
-    assert policy.keep(torch.tensor([50.0]), torch.tensor([700]), step=0).all()
-    policy.observe(torch.ones(1), torch.tensor([700]), torch.tensor([True]))
-    assert policy.keep(torch.tensor([50.0]), torch.tensor([499]), step=0).all()
-    assert not policy.keep(torch.tensor([50.0]), torch.tensor([500]), step=0).any()
+def calibrate_population(policy, prompts: int = 40, rounds: int = 2, seed: int = 0):
+    """Judge ``prompts`` ordinary prompts ``rounds`` times at t=800 with relative magnitudes near 1."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.full((prompts,), 800)
+    valid = torch.ones(prompts, dtype=torch.bool)
+    policy.observe(torch.ones(prompts), t, valid)  # calibrates bucket 1 at median 1 (no prompt ids)
+    for _ in range(rounds):
+        policy.observe(1 + 0.05 * torch.randn(prompts, generator=gen), t, valid, torch.arange(prompts))
 
 
-def test_prompt_memory_drops_a_remembered_prompt_at_every_timestep_and_round_trips():
-    policy = TimestepCalibrated(1000, threshold=1.3, buckets=1, window=64, min_samples=8, min_timestep=600,
-                                memory_decay=0.5, min_observations=2)
-    ids = torch.arange(8)
-    policy.observe(torch.ones(8), torch.full((8,), 800), torch.ones(8, dtype=torch.bool), ids)  # calibrates
-    loud = torch.tensor([7])
-    for _ in range(2):  # prompt 7 judged twice at 2x the median
-        policy.observe(torch.tensor([2.0]), torch.tensor([800]), torch.tensor([True]), loud)
-        policy.observe(torch.tensor([1.0]), torch.tensor([900]), torch.tensor([True]), torch.tensor([3]))
-    policy.observe(torch.tensor([9.0]), torch.tensor([100]), torch.tensor([True]), torch.tensor([3]))  # unjudged t
-    assert policy.memory[7][0] == 2 and policy.score(7) > 1.3
-    keep = policy.keep(torch.tensor([0.1, 0.1]), torch.tensor([10, 10]), step=0, prompt_ids=torch.tensor([7, 3]))
-    assert keep.tolist() == [False, True]
-    clone = TimestepCalibrated(1000, threshold=1.3, buckets=1, window=64, min_samples=8, min_timestep=600,
-                               memory_decay=0.5, min_observations=2)
+def test_a_prompt_far_above_the_others_is_dropped_at_every_timestep():
+    policy = calibrated()
+    calibrate_population(policy)
+    loud = torch.tensor([1000])
+    for _ in range(2):
+        policy.observe(torch.tensor([3.0]), torch.tensor([800]), torch.tensor([True]), loud)
+    assert policy.memory[1000][0] == 2 and policy.memory[1000][1] > policy.prompt_limit()
+    ids = torch.tensor([1000, 1000, 3, 77])  # loud at low and high t, an ordinary prompt, an unseen one
+    keep = policy.keep(torch.ones(4), torch.tensor([10, 990, 800, 800]), step=0, prompt_ids=ids)
+    assert keep.tolist() == [False, False, True, True]
+
+
+def test_nothing_is_dropped_before_enough_prompts_are_judged_or_before_start_step():
+    policy = calibrated(min_prompts=100, start_step=0)
+    calibrate_population(policy)
+    policy.observe(torch.tensor([9.0, 9.0]), torch.tensor([800, 800]), torch.ones(2, dtype=torch.bool),
+                   torch.tensor([1000, 1000]))
+    assert policy.prompt_limit() == float("inf")
+    assert policy.keep(torch.ones(1), torch.tensor([800]), step=0, prompt_ids=torch.tensor([1000])).all()
+    late = calibrated(start_step=5)
+    calibrate_population(late)
+    late.observe(torch.tensor([9.0, 9.0]), torch.tensor([800, 800]), torch.ones(2, dtype=torch.bool),
+                 torch.tensor([1000, 1000]))
+    assert late.keep(torch.ones(1), torch.tensor([800]), step=4, prompt_ids=torch.tensor([1000])).all()
+    assert not late.keep(torch.ones(1), torch.tensor([800]), step=5, prompt_ids=torch.tensor([1000])).any()
+
+
+def test_uncaptioned_and_unjudged_samples_do_not_count_and_state_round_trips():
+    policy = calibrated()
+    calibrate_population(policy)
+    before = dict(policy.memory)
+    policy.observe(torch.tensor([5.0, 5.0]), torch.tensor([800, 100]), torch.tensor([False, True]),
+                   torch.tensor([3, 4]))
+    assert policy.memory == before  # uncaptioned at t=800, captioned but unjudged at t=100
+    clone = calibrated()
     clone.load_state_dict(policy.state_dict())
-    assert clone.memory == policy.memory and torch.equal(clone.medians(), policy.medians())
+    assert clone.memory == policy.memory
+    assert torch.allclose(clone.medians(), policy.medians(), equal_nan=True)
+    assert clone.prompt_limit() == policy.prompt_limit()
 
 
 def test_prompt_ids_are_stable_and_distinct():
     a = prompt_ids(["a big red circle", "a big red circle", "a small red circle"])
     assert a[0] == a[1] != a[2] and (a >= 0).all()
     assert torch.equal(a, prompt_ids(["a big red circle", "a big red circle", "a small red circle"]))
-
-
-def test_own_baseline_flags_a_rise_not_a_loud_prompt():
-    policy = TimestepCalibrated(1000, threshold=1.2, buckets=1, window=64, min_samples=8, min_timestep=600,
-                                memory_decay=0.5, min_observations=4, baseline_observations=2)
-    judged, valid = torch.tensor([800]), torch.tensor([True])
-    policy.observe(torch.ones(8), torch.full((8,), 800), torch.ones(8, dtype=torch.bool), torch.arange(8))
-    loud, rising = torch.tensor([100]), torch.tensor([200])
-    for level in (2.0, 2.0, 2.0, 2.0):  # always twice the median: its own normal
-        policy.observe(torch.tensor([level]), judged, valid, loud)
-    for level in (1.0, 1.0, 1.5, 1.5):  # starts ordinary, then rises by half
-        policy.observe(torch.tensor([level]), judged, valid, rising)
-    assert policy.score(100) == 1.0 and policy.score(200) > 1.2
-    keep = policy.keep(torch.ones(2), torch.tensor([100, 100]), step=0, prompt_ids=torch.tensor([100, 200]))
-    assert keep.tolist() == [True, False]

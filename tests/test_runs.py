@@ -38,20 +38,23 @@ def test_micro_run_end_to_end(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    common = [*MICRO, "train.steps=6", "train.checkpoint_every=3", "eval.enabled=false",
-              "filter=calibrated", "filter.min_samples=4", "filter.start_step=1", "train.ema.enabled=true",
+    common = [*MICRO, "train.steps=8", "train.checkpoint_every=4", "eval.enabled=false",
+              "filter=calibrated", "filter.min_samples=4", "filter.min_prompts=2", "filter.min_observations=1",
+              "filter.min_timestep=0", "filter.z=0.5", "filter.buckets=2", "train.ema.enabled=true",
               "logging.wandb.enabled=false"]
     run_cli(python_cli("train", *common, f"run_dir={full}"), cwd=tmp_path)
-    # A run killed after step 3: only its step-3 checkpoint survives.
+    # A run killed after step 4: only its step-4 checkpoint survives.
     (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(full / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
+    shutil.copytree(full / "checkpoints" / "step-4", resumed / "checkpoints" / "step-4")
     proc = run_cli(python_cli("train", *common, f"run_dir={resumed}"), cwd=tmp_path)
     assert "resumed from" in proc.stdout
     a, b = unet_weights(full), unet_weights(resumed)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    last = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])  # noqa: E731
-    assert last(full) == last(resumed)
+    after = lambda d: [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                       if r["step"] > 4]
+    assert after(full) == after(resumed) and len(after(full)) == 2
+    assert any(r["kept_fraction"] < 1.0 for r in after(full))  # the restored filter state made decisions
 
 
 def test_two_process_ddp_with_filter_and_empty_rank(tmp_path):
