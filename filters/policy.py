@@ -67,7 +67,9 @@ class TimestepCalibrated(FilterPolicy):
     3. Duplicated samples can be a large share of the *samples* (half of them in the default
        world), which shifts any per-sample reference. They are a tiny share of the *prompts*.
        So a prompt is dropped when its average lies more than ``z`` robust standard deviations
-       (1.4826 MAD) above the median average of all prompts with ``min_observations`` judgements.
+       (1.4826 MAD) above the median average of all prompts with ``min_observations`` judgements,
+       once it has ``drop_observations`` judgements itself: a prompt seen only a few times has
+       had little chance to be memorized and gives too little evidence to drop it.
     """
 
     name = "calibrated"
@@ -75,7 +77,7 @@ class TimestepCalibrated(FilterPolicy):
     def __init__(self, num_train_timesteps: int, z: float = 3.0, buckets: int = 20, window: int = 256,
                  min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,
                  start_step: int = 0, memory_decay: float = 0.2, min_observations: int = 3,
-                 min_prompts: int = 50):
+                 min_prompts: int = 50, drop_observations: int = 3):
         if buckets < 1 or window < min_samples or min_samples < 1:
             raise ValueError(
                 f"filter needs buckets >= 1 and window >= min_samples >= 1, got {buckets}, {window}, {min_samples}"
@@ -87,6 +89,7 @@ class TimestepCalibrated(FilterPolicy):
         self.min_timestep = min_timestep
         self.max_timestep = num_train_timesteps - 1 if max_timestep is None else max_timestep
         self.memory_decay, self.min_observations, self.min_prompts = memory_decay, min_observations, min_prompts
+        self.drop_observations = drop_observations
         self.values = torch.full((buckets, window), float("nan"))
         self.cursor = torch.zeros(buckets, dtype=torch.long)
         self.memory: dict[int, tuple[int, float]] = {}  # prompt id -> (judgements, average relative magnitude)
@@ -125,7 +128,7 @@ class TimestepCalibrated(FilterPolicy):
 
     def remembered(self, prompt_id: int) -> bool:
         count, average = self.memory.get(prompt_id, (0, 0.0))
-        return count >= self.min_observations and average > self.prompt_limit()
+        return count >= max(self.min_observations, self.drop_observations) and average > self.prompt_limit()
 
     def keep(self, magnitude, timesteps, step, prompt_ids=None):
         if step < self.start_step:
@@ -175,7 +178,7 @@ def build_policy(cfg: DictConfig, num_train_timesteps: int) -> FilterPolicy:
     if cfg.kind == "calibrated":
         return TimestepCalibrated(num_train_timesteps, cfg.z, cfg.buckets, cfg.window, cfg.min_samples,
                                   cfg.min_timestep, cfg.max_timestep, cfg.start_step, cfg.memory_decay,
-                                  cfg.min_observations, cfg.min_prompts)
+                                  cfg.min_observations, cfg.min_prompts, cfg.drop_observations)
     raise ValueError(f"filter.kind={cfg.kind!r}; expected 'none', 'threshold' or 'calibrated'")
 
 

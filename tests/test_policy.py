@@ -39,7 +39,7 @@ def test_distributed_normalisation_gives_global_mean():
 
 def calibrated(**kw) -> TimestepCalibrated:
     args = {"z": 3.0, "buckets": 2, "window": 400, "min_samples": 10, "min_timestep": 500, "memory_decay": 0.5,
-            "min_observations": 2, "min_prompts": 20, **kw}
+            "min_observations": 2, "min_prompts": 20, "drop_observations": 2, **kw}
     return TimestepCalibrated(1000, **args)
 
 
@@ -109,3 +109,13 @@ def test_prompt_ids_are_stable_and_distinct():
     a = prompt_ids(["a big red circle", "a big red circle", "a small red circle"])
     assert a[0] == a[1] != a[2] and (a >= 0).all()
     assert torch.equal(a, prompt_ids(["a big red circle", "a big red circle", "a small red circle"]))
+
+
+def test_a_prompt_needs_drop_observations_judgements_before_it_is_dropped():
+    policy = calibrated(drop_observations=4)
+    calibrate_population(policy)
+    loud = torch.tensor([1000])
+    for count in range(1, 5):
+        policy.observe(torch.tensor([3.0]), torch.tensor([800]), torch.tensor([True]), loud)
+        kept = bool(policy.keep(torch.ones(1), torch.tensor([800]), step=0, prompt_ids=loud))
+        assert kept == (count < 4)

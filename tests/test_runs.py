@@ -72,7 +72,7 @@ def test_two_process_ddp_with_filter_and_empty_rank(tmp_path):
 
 def test_demo_writes_side_by_side_comparison(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli(python_cli("train.demo", *MICRO, "train.steps=6", "filter.min_samples=4",
+    proc = run_cli(python_cli("train.demo", *MICRO, "train.steps=6", "filter.min_samples=4", "demo.pretrain.steps=3",
                               "demo.progress_every=1", f"hydra.run.dir={out}"), cwd=tmp_path)
     last = proc.stdout.strip().splitlines()[-1]
     assert last == str(out / "comparison.json")
@@ -88,6 +88,9 @@ def test_demo_writes_side_by_side_comparison(tmp_path):
     assert list((out / "wandb").glob("offline-run-*"))
     for variant in ("unfiltered", "filtered"):
         assert list((out / variant / "wandb").glob("offline-run-*"))
+        run_cfg = (out / variant / "config.yaml").read_text()
+        assert f"pretrained: {out / 'pretrain' / 'model'}" in run_cfg  # both fine-tune the same base
+        assert "caption_dropout: 0.0" in run_cfg and "steps: 6" in run_cfg
 
 
 def test_model_sd_fine_tunes_a_saved_diffusers_folder(tmp_path):

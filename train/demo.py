@@ -38,13 +38,15 @@ def pretrain_overrides(task: list[str], pretrain: DictConfig) -> list[str]:
             "filter.compute_magnitude=false", "eval.enabled=false"]
 
 
-def variant_overrides(task: list[str], variant: str, default_filter: str, base: Path | None) -> list[str]:
+def variant_overrides(task: list[str], variant: str, default_filter: str, base: Path | None,
+                      finetune: list[str] = ()) -> list[str]:
     """One fine-tune's overrides: the unfiltered run ignores every ``filter`` override; with a base
-    model, ``model.*`` overrides went into the base run and the fine-tunes load its folder."""
+    model, ``model.*`` overrides went into the base run, the fine-tunes load its folder and take
+    the ``finetune`` settings (the user's overrides still win)."""
     others = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra"))]
     if base is not None:
-        others = [o for o in others if not key_of(o).startswith("model")]
-        others += ["model=sd", f"model.pretrained={base}", "model.local_files_only=true"]
+        others = [*finetune, *(o for o in others if not key_of(o).startswith("model")),
+                  "model=sd", f"model.pretrained={base}", "model.local_files_only=true"]
     if variant == "unfiltered":
         return [*others, "filter=none"]
     chosen = [o for o in task if key_of(o) == "filter"]
@@ -99,7 +101,7 @@ def main(cfg: DictConfig) -> None:
         base = pre_dir / "model"
     procs = {}
     for variant in VARIANTS:
-        overrides = variant_overrides(task, variant, cfg.demo.filter, base)
+        overrides = variant_overrides(task, variant, cfg.demo.filter, base, list(cfg.demo.finetune))
         procs[variant] = launch(variant, overrides, dirs[variant], threads)
         if not parallel:
             wait_all({variant: procs[variant]}, dirs, cfg.train.steps, cfg.demo.progress_every)
