@@ -44,7 +44,8 @@ def plot(out: Path, rows: list[dict]) -> Path:
     for i, name in enumerate(names):
         ax.bar([j + i * width for j in range(len(shown))], [r[name] or 0 for r in shown], width, label=name)
     ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shown))])
-    ax.set_xticklabels([r["metric"].replace("/", "\n", 1) for r in shown], fontsize=7)
+    ax.set_xticklabels([r["metric"].replace("filter/dropped_fraction/", "dropped\n").replace("/", "\n", 1)
+                        for r in shown], fontsize=7)
     ax.legend()
     ax.set_title("memsieve: unfiltered vs filtered")
     fig.tight_layout()
