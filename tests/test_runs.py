@@ -40,6 +40,7 @@ def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*MICRO, "train.steps=8", "train.checkpoint_every=4", "eval.enabled=false",
               "filter=calibrated", "filter.min_samples=4", "filter.min_prompts=2", "filter.min_observations=1",
+              "filter.drop_observations=1",
               "filter.min_timestep=0", "filter.z=0.5", "filter.buckets=2", "train.ema.enabled=true",
               "logging.wandb.enabled=false"]
     run_cli(python_cli("train", *common, f"run_dir={full}"), cwd=tmp_path)

@@ -38,7 +38,7 @@ def pretrain_overrides(task: list[str], pretrain: DictConfig) -> list[str]:
             "filter.compute_magnitude=false", "eval.enabled=false"]
 
 
-def variant_overrides(task: list[str], variant: str, default_filter: str, base: Path | None,
+def variant_overrides(task: list[str], variant: str, chosen_filter: str, base: Path | None,
                       finetune: list[str] = ()) -> list[str]:
     """One fine-tune's overrides: the unfiltered run ignores every ``filter`` override; with a base
     model, ``model.*`` overrides went into the base run, the fine-tunes load its folder and take
@@ -49,9 +49,7 @@ def variant_overrides(task: list[str], variant: str, default_filter: str, base: 
                   "model=sd", f"model.pretrained={base}", "model.local_files_only=true"]
     if variant == "unfiltered":
         return [*others, "filter=none"]
-    chosen = [o for o in task if key_of(o) == "filter"]
-    extra = [o for o in task if key_of(o).startswith("filter.")]
-    return [*others, *(chosen or [f"filter={default_filter}"]), *extra]
+    return [*others, f"filter={chosen_filter}", *(o for o in task if key_of(o).startswith("filter."))]
 
 
 def launch(variant: str, overrides: list[str], run_dir: Path, threads: int | None) -> subprocess.Popen:
@@ -101,7 +99,8 @@ def main(cfg: DictConfig) -> None:
         base = pre_dir / "model"
     procs = {}
     for variant in VARIANTS:
-        overrides = variant_overrides(task, variant, cfg.demo.filter, base, list(cfg.demo.finetune))
+        overrides = variant_overrides(task, variant, HydraConfig.get().runtime.choices["filter"], base,
+                                      list(cfg.demo.finetune))
         procs[variant] = launch(variant, overrides, dirs[variant], threads)
         if not parallel:
             wait_all({variant: procs[variant]}, dirs, cfg.train.steps, cfg.demo.progress_every)
