@@ -44,9 +44,11 @@ def test_resume_continues_exactly(tmp_path):
               "filter.min_timestep=0", "filter.z=0.5", "filter.buckets=2", "train.ema.enabled=true",
               "logging.wandb.enabled=false"]
     run_cli(python_cli("train", *common, f"run_dir={full}"), cwd=tmp_path)
-    # A run killed after step 4: only its step-4 checkpoint survives.
+    # A run killed after step 4 had logged up to step 6; only its step-4 checkpoint survives.
     (resumed / "checkpoints").mkdir(parents=True)
     shutil.copytree(full / "checkpoints" / "step-4", resumed / "checkpoints" / "step-4")
+    logged = (full / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("".join(f"{line}\n" for line in logged[:3]))
     proc = run_cli(python_cli("train", *common, f"run_dir={resumed}"), cwd=tmp_path)
     assert "resumed from" in proc.stdout
     a, b = unet_weights(full), unet_weights(resumed)
@@ -54,7 +56,7 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     after = lambda d: [r for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                        if r["step"] > 4]
-    assert after(full) == after(resumed) and len(after(full)) == 2
+    assert after(full) == after(resumed) and len(after(full)) == 2  # step 6 was logged once, not twice
     assert any(r["kept_fraction"] < 1.0 for r in after(full))  # the restored filter state made decisions
 
 

@@ -138,8 +138,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
 
     metrics = JsonlLog(run_dir / "metrics.jsonl")
     if accelerator.is_main_process:
+        metrics.truncate_after(start_step)
         if start_step == 0:
-            metrics.path.unlink(missing_ok=True)
             OmegaConf.save(cfg, run_dir / "config.yaml")
             data.manifest.save(run_dir / "manifest.json")
     if accelerator.is_main_process and cfg.logging.wandb.enabled:

@@ -30,6 +30,12 @@ class JsonlLog:
     def __init__(self, path: Path):
         self.path = path
 
+    def truncate_after(self, step: int) -> None:
+        """Forget records past ``step``: a resumed run rewrites what the killed one logged after it."""
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            self.path.write_text("".join(f"{line}\n" for line in kept))
+
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
