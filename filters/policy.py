@@ -16,8 +16,6 @@ from omegaconf import DictConfig
 class FilterPolicy:
     """Keep everything: the magnitude is still computed and logged (``filter=none``)."""
 
-    name = "none"
-
     def keep(self, magnitude: torch.Tensor, timesteps: torch.Tensor, step: int,
              prompt_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Which samples enter the loss; ``prompt_ids`` are stable hashes of the captions."""
@@ -36,8 +34,6 @@ class FilterPolicy:
 
 class FixedThreshold(FilterPolicy):
     """Drop samples whose magnitude exceeds a fixed threshold (Wen et al. used 2 on SD v1.4)."""
-
-    name = "threshold"
 
     def __init__(self, threshold: float, start_step: int = 0):
         if threshold <= 0:
@@ -71,8 +67,6 @@ class TimestepCalibrated(FilterPolicy):
        once it has ``drop_observations`` judgements itself: a prompt seen only a few times has
        had little chance to be memorized and gives too little evidence to drop it.
     """
-
-    name = "calibrated"
 
     def __init__(self, num_train_timesteps: int, z: float = 3.0, buckets: int = 20, window: int = 256,
                  min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,

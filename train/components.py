@@ -55,10 +55,10 @@ class Components:
             latents = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
-    def save(self, path: str | Path, unet: UNet2DConditionModel | None = None) -> None:
-        """Write a diffusers-style folder (one subfolder per component); ``unet`` overrides (EMA)."""
+    def save(self, path: str | Path) -> None:
+        """Write a diffusers-style folder, one subfolder per component, that ``model=sd`` loads."""
         path = Path(path)
-        (unet or self.unet).save_pretrained(path / "unet")
+        self.unet.save_pretrained(path / "unet")
         self.text_encoder.save_pretrained(path / "text_encoder")
         self.tokenizer.save_pretrained(path / "tokenizer")
         self.noise_scheduler.save_pretrained(path / "scheduler")
