@@ -221,7 +221,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     seconds_per_step = (time.perf_counter() - started) / max(tc.steps - timed_from, 1)
     final = accelerator.unwrap_model(unet)
     if ema is not None:
-        ema.store(final.parameters())
         ema.copy_to(final.parameters())
     comps.unet = final.eval()
     if accelerator.is_main_process:
