@@ -23,9 +23,9 @@ COPY_RATIO_FLOOR = 0.01
 def choose_prompts(result: TrainResult, num_other: int | None, seed: int) -> tuple[list[int], list[int]]:
     """Base indices of every duplicated pair and of up to ``num_other`` random non-duplicated ones
     (as many as duplicated ones when ``None``)."""
-    ds = result.data.dataset
-    dup = [i for i, k in enumerate(ds.keys) if result.data.manifest.is_duplicated(k)]
-    rest = [i for i, k in enumerate(ds.keys) if not result.data.manifest.is_duplicated(k)]
+    keys = result.data.pairs.keys
+    dup = [i for i, k in enumerate(keys) if result.data.manifest.is_duplicated(k)]
+    rest = [i for i, k in enumerate(keys) if not result.data.manifest.is_duplicated(k)]
     count = min(len(dup) if num_other is None else num_other, len(rest))
     picked = np.random.default_rng(seed).choice(len(rest), size=count, replace=False)
     return dup, [rest[i] for i in sorted(picked.tolist())]
@@ -40,7 +40,7 @@ def detect(result: TrainResult, ec: DictConfig) -> dict:
     dc = ec.detection
     dup, other = choose_prompts(result, dc.num_other_prompts, ec.seed + 1)
     labels = np.array([1] * len(dup) + [0] * len(other))
-    captions = [result.data.dataset.captions[i] for i in dup + other]
+    captions = [result.data.pairs.captions[i] for i in dup + other]
     steps = max(s.steps for s in dc.settings.values())
     generations = max(s.generations for s in dc.settings.values())
     magnitudes = first_steps_magnitudes(result.components, captions, [ec.seed + j for j in range(generations)],
@@ -59,7 +59,7 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     """Evaluate on the main process (others return ``None``); log to the run's tracker."""
     if not PartialState().is_main_process:
         return None
-    ec, ds, comps = cfg.eval, result.data.dataset, result.components
+    ec, ds, comps = cfg.eval, result.data.pairs, result.components
     dup, other = choose_prompts(result, ec.num_other_prompts, ec.seed)
     indices = dup + other
     labels = np.array([1] * len(dup) + [0] * len(other))
@@ -67,7 +67,7 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     seeds = [ec.seed + j for j in range(ec.num_seeds)]
     images, magnitudes = generate(comps, captions, seeds, ec.num_inference_steps, ec.guidance_scale,
                                   ec.batch_size, progress=not os.environ.get("CI") and cfg.logging.progress)
-    refs = ds.images[indices].float() / 255
+    refs = ds.images_at(indices).float() / 255
     resolution = refs.shape[-1]
     copy = torch.stack([copy_similarity(images[p], refs[p], caption_region(captions[p], resolution))
                         for p in range(len(indices))])  # [P, S]

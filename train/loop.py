@@ -21,7 +21,6 @@ from accelerate.utils import broadcast_object_list, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.dataset import TrainingData, build_data
@@ -30,7 +29,6 @@ from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean, prompt_ids
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
 from train.components import Components, build_components
-from train.sampler import StepBatchSampler, step_generator
 from train.tracking import JsonlLog, wandb_init_kwargs
 
 
@@ -66,15 +64,6 @@ class TrainResult:
     seconds_per_step: float
 
 
-def collate(items: list[dict]) -> dict:
-    return {
-        "pixel_values": torch.stack([it["pixel_values"] for it in items]),
-        "caption": [it["caption"] for it in items],
-        "key": [it["key"] for it in items],
-        "duplicated": torch.tensor([it["duplicated"] for it in items]),
-    }
-
-
 def shared_run_dir(accelerator: Accelerator, run_dir: str | Path) -> Path:
     """The main process's run directory, broadcast so every rank writes under one folder."""
     chosen = [str(run_dir)]
@@ -84,6 +73,11 @@ def shared_run_dir(accelerator: Accelerator, run_dir: str | Path) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return path
+
+
+def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
+    """The RNG for one micro-step's noise, timesteps and caption dropout on one rank."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 1_009 + rank)
 
 
 def training_target(comps: Components, latents, noise, timesteps) -> torch.Tensor:
@@ -147,9 +141,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                                   init_kwargs=wandb_init_kwargs(cfg.logging.wandb, run_dir, run_dir.name))
 
     accum = tc.gradient_accumulation_steps
-    sampler = StepBatchSampler(len(data.dataset), tc.batch_size, cfg.seed, accelerator.process_index,
-                               accelerator.num_processes, start_micro_step=start_step * accum)
-    loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=tc.num_workers)
+    batches = data.batches(tc.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                           start_micro_step=start_step * accum, num_workers=tc.num_workers)
     uncond = comps.encode_text([""]).to(weight_dtype)
     # filter=none may skip the unconditional forward (plain fine-tuning, the benchmarks' baseline).
     with_magnitude = cfg.filter.kind != "none" or cfg.filter.get("compute_magnitude", True)
@@ -157,7 +150,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     quiet = bool(os.environ.get("CI")) or not cfg.logging.progress
     bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train",
                disable=quiet or not accelerator.is_main_process)
-    batches = iter(loader)
     window: list[dict] = []
     started, timed_from = time.perf_counter(), start_step
     for step in bar:

@@ -1,5 +1,5 @@
-"""Step-addressed batches: which samples and which noise a micro-step uses depends only on
-(seed, micro-step, rank), so a resumed run replays exactly what an uninterrupted one would."""
+"""Step-addressed batches: which samples a micro-step uses depends only on (seed, micro-step,
+rank), so a resumed run replays exactly what an uninterrupted one would."""
 
 from __future__ import annotations
 
@@ -38,7 +38,3 @@ class StepBatchSampler(Sampler[list[int]]):
             yield self.batch(step)
             step += 1
 
-
-def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """The RNG for one micro-step's noise, timesteps and caption dropout on one rank."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 1_009 + rank)
