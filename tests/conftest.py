@@ -49,3 +49,11 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.Comple
 
 def python_cli(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory) -> Path:
+    """A complete toy-size SD pipeline folder (see :mod:`tests.tiny_sd`), written once per session."""
+    from tests.tiny_sd import write_tiny_sd
+
+    return write_tiny_sd(tmp_path_factory.mktemp("tiny_sd") / "pipeline")
