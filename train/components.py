@@ -10,12 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
+# eager: diffusers' plain matmul-softmax attention; sdpa: torch's scaled_dot_product_attention
+# (flash / memory-efficient kernels where the device has them).
+ATTENTION = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
 
 
 @dataclass
@@ -42,11 +46,13 @@ class Components:
         return self.text_encoder(ids.to(self.text_encoder.device))[0]
 
     @torch.no_grad()
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels in [-1, 1] to the latents the UNet denoises."""
+    def encode_images(self, pixels: torch.Tensor, generator: list[torch.Generator] | None = None) -> torch.Tensor:
+        """Pixels in [-1, 1] to the latents the UNet denoises; ``generator`` (one per image) draws
+        the VAE posterior sample."""
         if self.vae is None:
             return pixels
-        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample() * self.latent_scale
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.sample(generator=generator) * self.latent_scale
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -56,14 +62,34 @@ class Components:
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
     def save(self, path: str | Path) -> None:
-        """Write a diffusers-style folder, one subfolder per component, that ``model=sd`` loads."""
+        """Write the model where ``model=sd`` loads it.
+
+        With a VAE (every SD model) this is a complete ``StableDiffusionPipeline`` folder
+        (``model_index.json`` plus one subfolder per component, no safety checker) that
+        ``StableDiffusionPipeline.from_pretrained`` loads. A pixel-space model (the embedded
+        default, no VAE) fits no diffusers pipeline: it gets the same subfolders without
+        ``model_index.json``.
+        """
         path = Path(path)
-        self.unet.save_pretrained(path / "unet")
-        self.text_encoder.save_pretrained(path / "text_encoder")
-        self.tokenizer.save_pretrained(path / "tokenizer")
-        self.noise_scheduler.save_pretrained(path / "scheduler")
-        if self.vae is not None:
-            self.vae.save_pretrained(path / "vae")
+        if self.vae is None:
+            self.unet.save_pretrained(path / "unet")
+            self.text_encoder.save_pretrained(path / "text_encoder")
+            self.tokenizer.save_pretrained(path / "tokenizer")
+            self.noise_scheduler.save_pretrained(path / "scheduler")
+            return
+        # The pipeline rewrites legacy scheduler settings in place; give it a copy so the
+        # training scheduler (and evaluation's DDIM built from it) stays as loaded.
+        scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
+        StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+                                unet=self.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False).save_pretrained(path)
+
+
+def set_attention(unet: UNet2DConditionModel, kind: str) -> None:
+    """Use the attention implementation ``train.attention`` names for every attention layer."""
+    if kind not in ATTENTION:
+        raise ValueError(f"train.attention={kind!r}; expected one of {sorted(ATTENTION)}")
+    unet.set_attn_processor(ATTENTION[kind]())
 
 
 def word_tokenizer(words: list[str], max_length: int) -> PreTrainedTokenizerFast:

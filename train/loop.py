@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
@@ -28,8 +27,14 @@ from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean, prompt_ids
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
-from train.components import Components, build_components
+from train.components import Components, build_components, set_attention
+from train.distributed import configure_backend, shared_run_dir
+from train.export import trained_unet
+from train.loss import per_sample_loss, training_target
+from train.optim import build_optimizer
+from train.randomness import draw, posterior_generators
 from train.tracking import JsonlLog, wandb_init_kwargs
+from train.validation import run_validation, validation_prompts
 
 
 @dataclass
@@ -64,31 +69,6 @@ class TrainResult:
     seconds_per_step: float
 
 
-def shared_run_dir(accelerator: Accelerator, run_dir: str | Path) -> Path:
-    """The main process's run directory, broadcast so every rank writes under one folder."""
-    chosen = [str(run_dir)]
-    broadcast_object_list(chosen, from_process=0)
-    path = Path(chosen[0])
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return path
-
-
-def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
-    """The RNG for one micro-step's noise, timesteps and caption dropout on one rank."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 1_009 + rank)
-
-
-def training_target(comps: Components, latents, noise, timesteps) -> torch.Tensor:
-    kind = comps.noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return comps.noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(f"prediction_type={kind!r}; expected 'epsilon' or 'v_prediction'")
-
-
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Train per ``cfg`` into ``run_dir``; resume from its latest checkpoint when asked."""
     tc = cfg.train
@@ -100,25 +80,30 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     set_seed(cfg.seed)
     data = build_data(cfg.data)
     comps = build_components(cfg.model, list(VOCABULARY))
+    sched = comps.noise_scheduler
+    if tc.prediction_type:  # e.g. v_prediction for SD 2.x at 768 px; saved with the model
+        sched.register_to_config(prediction_type=tc.prediction_type)
     unet = comps.unet
     unet.train()
+    set_attention(unet, tc.attention)
     if tc.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(tc.mixed_precision, torch.float32)
+    input_dtype = configure_backend(accelerator, cfg, weight_dtype)
     for frozen in (comps.text_encoder, comps.vae):
         if frozen is not None:
             frozen.to(accelerator.device, dtype=weight_dtype)
 
     ema = EMAModel(unet.parameters(), decay=tc.ema.decay, model_cls=type(unet), model_config=unet.config) \
         if tc.ema.enabled else None
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(unet.parameters(), tc)
     lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
                                  num_training_steps=tc.steps)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    policy = build_policy(cfg.filter, comps.noise_scheduler.config.num_train_timesteps)
+    policy = build_policy(cfg.filter, sched.config.num_train_timesteps)
     counts = FilterCounts()
     accelerator.register_for_checkpointing(policy, counts)
 
@@ -131,8 +116,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         accelerator.print(f"resumed from {resume} at step {start_step}")
 
     metrics = JsonlLog(run_dir / "metrics.jsonl")
+    decisions = JsonlLog(run_dir / "decisions.jsonl") if cfg.logging.decisions else None
     if accelerator.is_main_process:
-        metrics.truncate_after(start_step)
+        for log in (metrics, decisions):
+            if log is not None:
+                log.truncate_after(start_step)
         if start_step == 0:
             OmegaConf.save(cfg, run_dir / "config.yaml")
             data.manifest.save(run_dir / "manifest.json")
@@ -140,13 +128,13 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         accelerator.init_trackers(cfg.logging.wandb.project, OmegaConf.to_container(cfg, resolve=True),
                                   init_kwargs=wandb_init_kwargs(cfg.logging.wandb, run_dir, run_dir.name))
 
-    accum = tc.gradient_accumulation_steps
-    batches = data.batches(tc.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
-                           start_micro_step=start_step * accum, num_workers=tc.num_workers)
+    accum, rank, world = tc.gradient_accumulation_steps, accelerator.process_index, accelerator.num_processes
+    batches = data.batches(tc.batch_size, cfg.seed, rank, world, start_micro_step=start_step * accum,
+                           num_workers=tc.num_workers)
     uncond = comps.encode_text([""]).to(weight_dtype)
     # filter=none may skip the unconditional forward (plain fine-tuning, the benchmarks' baseline).
     with_magnitude = cfg.filter.kind != "none" or cfg.filter.get("compute_magnitude", True)
-    sched = comps.noise_scheduler
+    prompts = validation_prompts(cfg.validation, data) if cfg.validation.every else []
     quiet = bool(os.environ.get("CI")) or not cfg.logging.progress
     bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, desc="train",
                disable=quiet or not accelerator.is_main_process)
@@ -156,19 +144,16 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         for micro in range(accum):
             micro_step = step * accum + micro
             batch = next(batches)
-            gen = step_generator(cfg.seed, micro_step, accelerator.process_index)
             pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-            latents = comps.encode_images(pixels).float()
-            n = latents.shape[0]
-            noise = torch.randn(latents.shape, generator=gen).to(latents.device)
-            if tc.noise_offset:
-                noise += tc.noise_offset * torch.randn((n, latents.shape[1], 1, 1), generator=gen).to(noise.device)
-            timesteps = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen).to(latents.device)
-            captioned = torch.rand(n, generator=gen) >= tc.caption_dropout
-            captions = [c if k else "" for c, k in zip(batch["caption"], captioned.tolist())]
+            n = pixels.shape[0]
+            latents = comps.encode_images(pixels, posterior_generators(cfg.seed, micro_step, rank, n)).float()
+            drawn = draw(cfg.seed, micro_step, latents.shape, rank, world, sched.config.num_train_timesteps,
+                         tc.caption_dropout, tc.noise_offset)
+            noise, timesteps = drawn.noise.to(latents.device), drawn.timesteps.to(latents.device)
+            captions = [c if k else "" for c, k in zip(batch["caption"], drawn.captioned.tolist())]
             cond = comps.encode_text(captions).to(weight_dtype)
-            noisy = sched.add_noise(latents, noise, timesteps)
-            target = training_target(comps, latents, noise, timesteps)
+            noisy = sched.add_noise(latents, noise, timesteps).to(input_dtype)
+            target = training_target(sched, latents, noise, timesteps)
 
             with accelerator.accumulate(unet):
                 pred = unet(noisy, timesteps, cond).sample
@@ -182,11 +167,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 keep = policy.keep(magnitude, timesteps, step, ids)
                 dup = batch["duplicated"].to(latents.device)
                 g_mag, g_t, g_valid, g_keep, g_dup, g_ids = accelerator.gather(
-                    (magnitude, timesteps, captioned.to(latents.device), keep, dup, ids))
+                    (magnitude, timesteps, drawn.captioned.to(latents.device), keep, dup, ids))
                 policy.observe(g_mag, g_t, g_valid, g_ids)
                 counts.add(g_dup.cpu(), g_keep.cpu())
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                loss = filtered_mean(per_sample, keep, int(g_keep.sum()), accelerator.num_processes)
+                # Min-SNR weights are per sample, so the filter drops each with its own loss.
+                per_sample = per_sample_loss(pred, target, sched, timesteps, tc.snr_gamma)
+                loss = filtered_mean(per_sample, keep, int(g_keep.sum()), world)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and tc.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
@@ -194,6 +180,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window.append(step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator))
+            if decisions is not None:
+                keys = accelerator.gather_object(list(batch["key"]))
+                if accelerator.is_main_process:
+                    decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys, "t": g_t.tolist(),
+                                     "magnitude": g_mag.float().tolist(), "keep": g_keep.tolist()})
         if ema is not None:
             ema.step(unet.parameters())
         done = step + 1
@@ -206,15 +197,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record['kept_fraction']:.3f}")
                 accelerator.log({**record, **histograms(groups, cfg.logging.wandb.enabled)}, step=done)
+        if cfg.validation.every and done % cfg.validation.every == 0 and accelerator.is_main_process:
+            run_validation(comps, ema, prompts, cfg.validation, done, run_dir, accelerator, weight_dtype,
+                           cfg.logging.wandb.enabled)
         if tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps:
             save_checkpoint(accelerator, ckpt_root, done, tc.checkpoints_total_limit)
 
     accelerator.wait_for_everyone()
     seconds_per_step = (time.perf_counter() - started) / max(tc.steps - timed_from, 1)
-    final = accelerator.unwrap_model(unet)
-    if ema is not None:
-        ema.copy_to(final.parameters())
-    comps.unet = final.eval()
+    comps.unet = trained_unet(accelerator, unet, comps.unet, ema)
+    for frozen in (comps.text_encoder, comps.vae):  # saved and evaluated in float32, as loaded
+        if frozen is not None:
+            frozen.float()
     if accelerator.is_main_process:
         comps.save(run_dir / "model")
     accelerator.wait_for_everyone()

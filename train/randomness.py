@@ -1,0 +1,52 @@
+"""Each sample's noise, timestep and caption dropout, addressed by its place in the global batch.
+
+A micro-step's draws come from one generator seeded by ``(seed, micro-step)`` for the whole
+global batch (every rank's samples); each rank takes the slice at its position. A sample
+therefore gets the same draws whether it trains on one process with batch 2B or on either of
+two processes with batch B (the data sampler slices global batches the same way), so the
+filter sees the same noisy inputs and makes the same decisions. On one process the stream is
+the one earlier versions drew per rank, so single-process runs reproduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampleDraws:
+    """One rank's slice: noise like the latents, integer timesteps, and which samples keep their caption."""
+
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    captioned: torch.Tensor
+
+
+def micro_step_generator(seed: int, micro_step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + micro_step * 1_009)
+
+
+def draw(seed: int, micro_step: int, latent_shape: torch.Size, rank: int, world: int, num_train_timesteps: int,
+         caption_dropout: float, noise_offset: float = 0.0) -> SampleDraws:
+    """The draws of rank ``rank``'s ``latent_shape[0]`` samples (on the CPU; callers move them).
+
+    Every rank draws the whole global batch (cheap next to a UNet step) and keeps its slice.
+    """
+    n = latent_shape[0]
+    total = n * world
+    gen = micro_step_generator(seed, micro_step)
+    noise = torch.randn((total, *latent_shape[1:]), generator=gen)
+    if noise_offset:  # offset noise (per sample and channel) as diffusers' train_text_to_image adds it
+        noise += noise_offset * torch.randn((total, latent_shape[1], 1, 1), generator=gen)
+    timesteps = torch.randint(0, num_train_timesteps, (total,), generator=gen)
+    captioned = torch.rand(total, generator=gen) >= caption_dropout
+    mine = slice(rank * n, (rank + 1) * n)
+    return SampleDraws(noise=noise[mine], timesteps=timesteps[mine], captioned=captioned[mine])
+
+
+def posterior_generators(seed: int, micro_step: int, rank: int, n: int) -> list[torch.Generator]:
+    """One generator per sample for the VAE's posterior sample, addressed like :func:`draw`."""
+    first = micro_step_generator(seed, micro_step).initial_seed() * 7_919
+    return [torch.Generator().manual_seed((first + rank * n + i + 1) % 2**63) for i in range(n)]
