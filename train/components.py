@@ -77,9 +77,9 @@ class Components:
             self.tokenizer.save_pretrained(path / "tokenizer")
             self.noise_scheduler.save_pretrained(path / "scheduler")
             return
-        # The pipeline rewrites legacy scheduler settings in place; give it a copy so the
-        # training scheduler (and evaluation's DDIM built from it) stays as loaded.
-        scheduler = DDPMScheduler.from_config(self.noise_scheduler.config)
+        # The pipeline would rewrite these two legacy settings in place (with warnings); set them
+        # on a copy so the training scheduler (and evaluation's DDIM built from it) stays as loaded.
+        scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, steps_offset=1, clip_sample=False)
         StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                                 unet=self.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
@@ -181,7 +181,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 optimizer.zero_grad(set_to_none=True)
             window.append(step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator))
             if decisions is not None:
-                keys = accelerator.gather_object(list(batch["key"]))
+                keys = gather_object(list(batch["key"]))
                 if accelerator.is_main_process:
                     decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys, "t": g_t.tolist(),
                                      "magnitude": g_mag.float().tolist(), "keep": g_keep.tolist()})
