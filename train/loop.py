@@ -146,7 +146,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             batch = next(batches)
             pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
             n = pixels.shape[0]
-            latents = comps.encode_images(pixels, posterior_generators(cfg.seed, micro_step, rank, n)).float()
+            posterior = posterior_generators(cfg.seed, micro_step, rank, n) if comps.vae is not None else None
+            latents = comps.encode_images(pixels, posterior).float()
             drawn = draw(cfg.seed, micro_step, latents.shape, rank, world, sched.config.num_train_timesteps,
                          tc.caption_dropout, tc.noise_offset)
             noise, timesteps = drawn.noise.to(latents.device), drawn.timesteps.to(latents.device)
