@@ -2,7 +2,6 @@
 
 import json
 import shutil
-import sys
 
 import torch
 from safetensors.torch import load_file
@@ -70,11 +69,12 @@ def test_two_processes_decide_as_one_process_over_the_same_samples(tmp_path):
     threshold = 1.8
     common = [*MICRO, "train.steps=10", "logging.every=1", "eval.enabled=false", "logging.wandb.enabled=false",
               "filter=threshold", f"filter.threshold={threshold}", "train.snr_gamma=5.0", "logging.decisions=true"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "configs" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2", "-m", "train"]
+    # memsieve-train relaunches itself as `accelerate launch --config_file multi_gpu.yaml --num_processes 2`.
+    launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yaml'}",
+              "launch.num_processes=2"]
     two, one = tmp_path / "two", tmp_path / "one"
-    run_cli([*launch, *common, "train.batch_size=1", f"run_dir={two}"], cwd=tmp_path, timeout=400,
-            env={"ACCELERATE_USE_CPU": "1"})  # gloo on CPU: without it accelerate starts one process
+    run_cli(python_cli("train", *launch, *common, "train.batch_size=1", f"run_dir={two}"), cwd=tmp_path,
+            timeout=400, env={"ACCELERATE_USE_CPU": "1"})  # gloo on CPU: without it accelerate starts one process
     run_cli(python_cli("train", *common, "train.batch_size=2", f"run_dir={one}"), cwd=tmp_path)
     a, b = decision_log(one), decision_log(two)
     assert len(a) == len(b) == 10

@@ -147,3 +147,17 @@ def test_8bit_adamw_without_bitsandbytes_is_a_one_line_error():
     with pytest.raises(ValueError, match="train.optimizer=adamw_8bit needs bitsandbytes"):
         build_optimizer([torch.nn.Parameter(torch.zeros(1))], tc)
 
+
+
+def test_relaunch_command_runs_the_job_under_accelerate_with_its_own_overrides(tmp_path):
+    from train.relaunch import relaunch_command
+
+    config_file = ROOT / "configs" / "accelerate" / "multi_gpu.yaml"
+    cfg = compose_train([f"launch.accelerate_config={config_file}", "launch.num_processes=4", "run_dir=unused"])
+    cmd = relaunch_command(cfg, ["train.lr=1e-4", f"launch.accelerate_config={config_file}", "hydra.job.num=3"],
+                           str(tmp_path))
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", "4",
+                       "-m", "train", "train.lr=1e-4", f"hydra.run.dir={tmp_path}"]
+    cfg.launch.accelerate_config = str(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="launch.accelerate_config=.*missing.yaml does not exist"):
+        relaunch_command(cfg, [], str(tmp_path))

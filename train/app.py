@@ -6,6 +6,7 @@ import hydra
 from omegaconf import DictConfig
 
 from train.loop import train
+from train.relaunch import relaunch, wants_relaunch
 
 
 def run(cfg: DictConfig) -> dict | None:
@@ -21,7 +22,10 @@ def run(cfg: DictConfig) -> dict | None:
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg)
+        if wants_relaunch(cfg):
+            relaunch(cfg)
+        else:
+            run(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad config or input: one line, no traceback
         raise SystemExit(f"memsieve-train: error: {err}") from None
 
