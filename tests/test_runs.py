@@ -68,7 +68,8 @@ def test_two_processes_decide_as_one_process_over_the_same_samples(tmp_path):
     1 process x batch 2: same samples, noise draws and kept/dropped decisions, same weights."""
     threshold = 1.8
     common = [*MICRO, "train.steps=10", "logging.every=1", "eval.enabled=false", "logging.wandb.enabled=false",
-              "filter=threshold", f"filter.threshold={threshold}", "train.snr_gamma=5.0", "logging.decisions=true"]
+              "filter=threshold", f"filter.threshold={threshold}", "train.snr_gamma=5.0", "logging.decisions=true",
+              "train.lr_scheduler=linear", "train.lr_warmup_steps=4"]
     # memsieve-train relaunches itself as `accelerate launch --config_file multi_gpu.yaml --num_processes 2`.
     launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yaml'}",
               "launch.num_processes=2"]
@@ -86,6 +87,9 @@ def test_two_processes_decide_as_one_process_over_the_same_samples(tmp_path):
     kept = [k for r in a for k in r["keep"]]
     assert any(kept) and not all(kept)
     records = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records]
+    assert lrs == [json.loads(x)["lr"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[3] == max(lrs) and lrs[-1] < lrs[3]  # warm-up and decay by optimizer steps on both
     assert sum(r["ranks_all_dropped"] for r in records) >= 1, "no step had one rank drop its whole batch"
     w1, w2 = unet_weights(one), unet_weights(two)
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # DDP's filtered mean is the global one

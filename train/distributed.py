@@ -48,3 +48,13 @@ def configure_backend(accelerator: Accelerator, cfg: DictConfig, weight_dtype: t
             raise ValueError(f"validation.every={cfg.validation.every} samples the full UNet on the main process, "
                              "which FSDP shards; use validation.every=0 (the final model is still saved whole)")
     return torch.float32
+
+
+def schedule_steps_per_step(accelerator: Accelerator) -> int:
+    """How often the prepared LR scheduler advances per optimizer step.
+
+    accelerate steps it once per process (it assumes a dataloader sharded over ranks); the
+    DeepSpeed engine steps it once. Schedules are built with their lengths times this, so
+    warm-up and decay last ``train.*`` optimizer steps on any number of processes.
+    """
+    return 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes

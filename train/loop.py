@@ -28,9 +28,9 @@ from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean, prompt_ids
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
 from train.components import Components, build_components, set_attention
-from train.distributed import configure_backend, shared_run_dir
+from train.distributed import configure_backend, schedule_steps_per_step, shared_run_dir
 from train.export import trained_unet
-from train.loss import per_sample_loss, training_target
+from train.loss import per_sample_loss, set_prediction_type, training_target
 from train.optim import build_optimizer
 from train.randomness import draw, posterior_generators
 from train.tracking import JsonlLog, wandb_init_kwargs
@@ -81,8 +81,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     data = build_data(cfg.data)
     comps = build_components(cfg.model, list(VOCABULARY))
     sched = comps.noise_scheduler
-    if tc.prediction_type:  # e.g. v_prediction for SD 2.x at 768 px; saved with the model
-        sched.register_to_config(prediction_type=tc.prediction_type)
+    set_prediction_type(sched, tc.prediction_type)
     unet = comps.unet
     unet.train()
     set_attention(unet, tc.attention)
@@ -97,8 +96,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     ema = EMAModel(unet.parameters(), decay=tc.ema.decay, model_cls=type(unet), model_config=unet.config) \
         if tc.ema.enabled else None
     optimizer = build_optimizer(unet.parameters(), tc)
-    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps,
-                                 num_training_steps=tc.steps)
+    per_step = schedule_steps_per_step(accelerator)
+    lr_scheduler = get_scheduler(tc.lr_scheduler, optimizer, num_warmup_steps=tc.lr_warmup_steps * per_step,
+                                 num_training_steps=tc.steps * per_step)
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)

@@ -16,6 +16,15 @@ from diffusers.training_utils import compute_snr
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
+def set_prediction_type(scheduler: DDPMScheduler, kind: str | None) -> None:
+    """``train.prediction_type`` over the scheduler's own (null keeps it); saved with the model."""
+    if kind is None:
+        return
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"train.prediction_type={kind!r}; expected one of {PREDICTION_TYPES} or null")
+    scheduler.register_to_config(prediction_type=kind)
+
+
 def training_target(scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor,
                     timesteps: torch.Tensor) -> torch.Tensor:
     """What the UNet regresses: the noise (epsilon) or the velocity (v-prediction)."""
