@@ -2,7 +2,10 @@
 
 Every step computes each sample's magnitude at its own noisy input and timestep: the
 conditional prediction is the training forward itself, the unconditional one a second
-forward without gradients. The filter policy decides which samples enter the loss.
+forward without gradients. The filter policy decides which samples enter the loss. The pieces
+live beside it: per-sample draws addressed by global batch position (``randomness``), the
+per-sample loss with Min-SNR weights (``loss``), backend settings (``distributed``), validation
+images (``validation``) and the final UNet gathered from any wrapper (``export``).
 """
 
 from __future__ import annotations
