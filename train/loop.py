@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from data.captions import perturb_text_embeddings
 from data.dataset import TrainingData, build_data
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
@@ -167,6 +168,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             captioned = torch.rand(n, generator=gen) >= tc.caption_dropout
             captions = [c if k else "" for c, k in zip(batch["caption"], captioned.tolist())]
             cond = comps.encode_text(captions).to(weight_dtype)
+            cond = perturb_text_embeddings(cond, cfg.data, gen)
             noisy = sched.add_noise(latents, noise, timesteps)
             target = training_target(comps, latents, noise, timesteps)
 
@@ -202,6 +204,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         if done % cfg.logging.every == 0 or done == tc.steps:
             record, groups = summarize_window(window, done, lr_scheduler.get_last_lr()[0], counts)
             window.clear()
+            record.update({f"data/skipped/{reason}": n for reason, n in data.skipped.items()})
             if accelerator.is_main_process:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record['kept_fraction']:.3f}")
