@@ -202,6 +202,17 @@ def manifest_beside(cfg: DictConfig) -> Path | None:
     return folder / "manifest.json" if folder is not None and (folder / "manifest.json").exists() else None
 
 
+def base_pairs(index: SourceIndex, num_pairs: int | None) -> tuple[list[str], list[int]]:
+    """Keys of the first ``num_pairs`` unique pairs in source order (all when ``None``) and each one's
+    record: its original (a materialized caption-only repeat shows another pair's image)."""
+    first: dict[str, int] = {}
+    for r in sorted(range(len(index.records)), key=lambda r: not index.records[r].original):
+        key = index.records[r].key
+        if key not in first and (num_pairs is None or len(first) < num_pairs):
+            first[key] = r
+    return list(first), list(first.values())
+
+
 def build_real(cfg: DictConfig) -> TrainingData:
     """Index a real source, take its base pairs, and plan duplicates over them.
 
@@ -211,13 +222,8 @@ def build_real(cfg: DictConfig) -> TrainingData:
     """
     spec = ImageSpec.from_config(cfg)
     index = scan_source(cfg, spec)
-    first: dict[str, int] = {}
-    # A pair's own record is its original (a materialized caption-only repeat shows another image).
-    for r in sorted(range(len(index.records)), key=lambda r: not index.records[r].original):
-        rec = index.records[r]
-        if rec.key not in first and (cfg.num_pairs is None or len(first) < cfg.num_pairs):
-            first[rec.key] = r
-    keys, records = list(first), list(first.values())
+    keys, records = base_pairs(index, cfg.num_pairs)
+    first = set(keys)
     occurrences = Counter(rec.key for rec in index.records if rec.key in first)
     if max(occurrences.values()) > 1:
         if cfg.duplication.num_duplicated or cfg.duplication.get("counts") or cfg.get("weighted"):

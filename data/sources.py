@@ -265,6 +265,8 @@ def scan_table(cfg, spec: ImageSpec) -> SourceIndex:
     """A ``datasets`` table: ``imagefolder`` (a folder with ``metadata.jsonl``), parquet files or a hub id."""
     import datasets
 
+    if quiet():
+        datasets.disable_progress_bars()
     kwargs = {"split": cfg.get("split", "train")}
     if cfg.source == "imagefolder":
         if not Path(cfg.path).is_dir():
