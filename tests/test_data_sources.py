@@ -20,11 +20,11 @@ from data.dataset import build_data
 from data.images import ImageSpec, decode
 from data.samples import encode, world, write_folder, write_imagefolder
 from tests.conftest import ENV, MICRO, compose_train
-from train.app import run
 from train.loop import train
 
 # MICRO without the embedded world's keys, for 16-pixel real data and the embedded model.
-REAL = [o for o in MICRO if not o.startswith("data.")] + ["model.unet.sample_size=16", "data.resolution=16"]
+REAL = [o for o in MICRO if not o.startswith("data.")] + ["model.unet.sample_size=16", "data.resolution=16",
+                                                          "logging.wandb.enabled=false"]
 DUPLICATES = ["data.duplication.num_duplicated=3", "data.duplication.copies=4"]
 
 
@@ -63,11 +63,10 @@ def img2dataset_shards(tmp_path_factory) -> Path:
 def test_img2dataset_shards_train_end_to_end(img2dataset_shards, tmp_path):
     assert sorted(p.name for p in img2dataset_shards.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     assert len(list(img2dataset_shards.glob("*.parquet"))) == 3  # img2dataset's own metadata beside each shard
-    run(compose_train([*REAL, *DUPLICATES, "data=webdataset", f"data.urls={img2dataset_shards}", "train.steps=4",
-                       f"run_dir={tmp_path}"]))
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["data"] == {"skipped": {}}
-    assert summary["prompts"]["duplicated"] == 3
+    result = train(compose_train([*REAL, *DUPLICATES, "data=webdataset", f"data.urls={img2dataset_shards}",
+                                  "train.steps=4", "eval.enabled=false", f"run_dir={tmp_path}"]), tmp_path)
+    assert result.data.skipped == {}
+    assert result.counts.seen["duplicated"] + result.counts.seen["other"] == 4 * 8
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["num_base"] == 24 and manifest["num_total"] == 24 + 3 * 3
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
