@@ -133,3 +133,26 @@ def test_random_crops_and_captions_replay_on_resume(tmp_path):
     source = dict(zip(w.keys, w.captions))
     assert all(len(c.split()) == len(source[k].split()) + 2 for c, k in zip(first[0]["caption"], first[0]["key"]))
     assert not np.array_equal(first[0]["pixel_values"].numpy(), first[1]["pixel_values"].numpy())
+
+
+def test_parquet_table_through_datasets(tmp_path):
+    """data=hf with datasets' parquet builder: images as bytes in a column, captions in another."""
+    import datasets
+
+    w = world(12, 24, seed=4)
+    table = datasets.Dataset.from_dict({"image": [{"bytes": encode(im), "path": None} for im in w.images],
+                                        "caption": w.captions, "key": w.keys},
+                                       features=datasets.Features({"image": datasets.Image(),
+                                                                   "caption": datasets.Value("string"),
+                                                                   "key": datasets.Value("string")}))
+    table.to_parquet(str(tmp_path / "part-0.parquet"))
+    cfg = compose_train(["data=hf", "data.name=parquet", f"data.data_files=[{tmp_path / 'part-0.parquet'}]",
+                         "data.caption_column=caption", "data.resolution=16", *DUPLICATES, "run_dir=unused"])
+    data = build_data(cfg.data)
+    assert data.pairs.keys == w.keys and data.pairs.captions == w.captions and len(data.dataset) == 12 + 9
+    batch = next(data.batches(4, seed=0, rank=0, world_size=1, num_workers=1))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+    bad = compose_train(["data=hf", "data.name=parquet", f"data.data_files=[{tmp_path / 'part-0.parquet'}]",
+                         "run_dir=unused"])
+    with pytest.raises(ValueError, match="has no column 'text'"):
+        build_data(bad.data)
