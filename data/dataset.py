@@ -19,6 +19,7 @@ Two ways to feed the loop, both exactly resumable:
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -222,6 +223,8 @@ def build_real(cfg: DictConfig) -> TrainingData:
     """
     spec = ImageSpec.from_config(cfg)
     index = scan_source(cfg, spec)
+    if index.skipped:
+        logging.getLogger(__name__).warning("%s: skipped %s", index.name, dict(sorted(index.skipped.items())))
     keys, records = base_pairs(index, cfg.num_pairs)
     first = set(keys)
     occurrences = Counter(rec.key for rec in index.records if rec.key in first)

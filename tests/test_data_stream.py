@@ -86,3 +86,29 @@ def test_indexed_ranks_draw_disjoint_samples():
     for step in range(6):  # 16 of 50 per step: never the same sample on both ranks
         a, b = (set(s.batch(step)) for s in samplers)
         assert not a & b
+
+
+def test_shards_at_urls_stream(shards, tmp_path):
+    """Shards served over HTTP: indexed by streaming them once, then read as a stream (data.access=auto)."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    w, root = shards
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{{00000..00007}}.tar"
+        cfg = compose_train(["data=webdataset", f"data.urls='{url}'", "data.resolution=16", "run_dir=unused"])
+        data = build_data(cfg.data)
+        assert data.stream is not None and data.pairs.keys == w.keys
+        batches = data.batches(8, seed=0, rank=0, world_size=1)
+        keys = [k for _ in range(4) for k in next(batches)["key"]]
+        assert set(keys) <= set(w.keys)
+        assert data.pairs.images_at([0, 9]).shape == (2, 3, 16, 16)  # lazily re-read from the URLs
+    finally:
+        server.shutdown()
