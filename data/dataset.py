@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ from data.injection import DuplicationManifest, Entry, choose_pairs, choose_weig
 from data.sampler import DrawSampler
 from data.sources import SourceIndex, expand_urls, is_local, load_images, scan_source
 from data.world import EmbeddedWorld, WorldConfig, generate_world
+
+if TYPE_CHECKING:
+    from data.stream import ShardStream
 
 
 @dataclass
@@ -133,7 +137,7 @@ class TrainingData:
     world: EmbeddedWorld | None = None
     skipped: dict[str, int] = field(default_factory=dict)
     weights: torch.Tensor | None = None
-    stream: object | None = None
+    stream: ShardStream | None = None
 
     def batches(self, batch_size: int, seed: int, rank: int, world_size: int, start_micro_step: int = 0,
                 num_workers: int = 0) -> Iterator[dict]:

@@ -196,7 +196,8 @@ class TarReader(Reader):
 
 def scan_shards(urls, spec: ImageSpec) -> SourceIndex:
     shards = expand_urls(urls)
-    scan = Scan(f"data.urls={urls!r}" if isinstance(urls, str) else f"data.urls={list(shards)!r}", spec)
+    label = f"data.urls={urls!r}" if isinstance(urls, str) else f"data.urls=[{shards[0]!r}, ...] ({len(shards)} shards)"
+    scan = Scan(label, spec)
     for shard, url in enumerate(tqdm(shards, desc="index shards", disable=quiet())):
         for key, group in tar_groups(url):
             image_ext = next((e for e in group if e in IMAGE_EXTENSIONS), None)

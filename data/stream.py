@@ -79,7 +79,7 @@ class WorkerStream(IterableDataset):
                     if not entries:
                         continue  # skipped when the source was indexed
                     loc = src.dataset.index.records[entries[0].record].loc
-                    data = sample[loc[3].rpartition("/")[2].partition(".")[2].lower()]
+                    data = sample[loc[3].rpartition("/")[2].partition(".")[2]]  # webdataset keeps the case
                     if src.weights is not None:
                         w = src.weights[entries[0].pair]
                         entries = entries * (int(w) + int(rng.random() < w - int(w)))

@@ -104,6 +104,23 @@ def test_counts_from_a_list(folder, tmp_path):
     assert all(counts[k] == wanted.get(k, 1) for k in w.keys)
 
 
+@pytest.mark.parametrize("mode", ["image_only", "caption_only"])
+def test_modes_on_the_fly(folder, mode):
+    """The same modes without writing anything: the plan's repeats differ in caption or in image."""
+    _, src = folder
+    cfg = compose_train(["data=folder", f"data.path={src}", "data.resolution=16", "data.duplication.num_duplicated=2",
+                         "data.duplication.copies=3", f"data.duplication.mode={mode}", "run_dir=unused"])
+    data = build_data(cfg.data)
+    assert len(data.dataset) == 30 + 2 * 2
+    for key in data.manifest.counts:
+        items = [data.dataset[(i, (0,))] for i in range(len(data.dataset))]
+        mine = [it for it in items if it["key"] == key]
+        assert len(mine) == 3 and all(it["duplicated"] for it in mine)
+        captions = {it["caption"] for it in mine}
+        images = {it["pixel_values"].numpy().tobytes() for it in mine}
+        assert (len(images), len(captions)) == ((1, 3) if mode == "image_only" else (3, 1))
+
+
 def test_weighted_sampling_frequency(folder):
     """On the fly: 10% of pairs drawn with weight 8 (copies nothing). Expected share of draws per chosen
     pair w / (N - n + n w); each observed count must lie within 5 binomial standard deviations."""

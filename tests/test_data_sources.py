@@ -4,6 +4,7 @@ folders, images in every PIL mode, and per-draw reproducibility of crops and cap
 from __future__ import annotations
 
 import functools
+import io
 import json
 import subprocess
 import sys
@@ -100,8 +101,6 @@ def test_modes_convert_to_rgb():
     grey = Image.new("L", (8, 8), 90)
     palette = Image.new("RGB", (8, 8), (0, 0, 255)).convert("P", palette=Image.ADAPTIVE)
     for img, fmt in ((rgba, "PNG"), (cmyk, "JPEG"), (grey, "PNG"), (palette, "PNG")):
-        import io
-
         buf = io.BytesIO()
         img.save(buf, format=fmt)
         out = decode(buf.getvalue(), spec)
