@@ -24,6 +24,8 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
+SHARD = 256
+
 
 def compose_train(overrides: list[str]):
     with initialize_config_module("configs", version_base="1.3"):
@@ -68,7 +70,9 @@ def main() -> None:
     from data.samples import world, write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
-        write_shards(world(args.samples, args.source_size), Path(tmp) / "shards", shard_size=256)
+        for shard in range(0, args.samples, SHARD):  # one world per shard: a 2048-image world would take GBs
+            write_shards(world(min(SHARD, args.samples - shard), args.source_size, seed=shard // SHARD),
+                         Path(tmp) / "shards", shard_size=SHARD, start_shard=shard // SHARD)
         train_rate = training_rate(args.batch, args.train_steps, str(Path(tmp) / "run"))
         reference = args.batch / args.reference_step_s
         print(json.dumps({"what": "training", "samples_per_s": round(train_rate, 1),

@@ -67,13 +67,15 @@ def write_imagefolder(w: EmbeddedWorld, root: str | Path, mixed: bool = True) ->
     return root
 
 
-def write_shards(w: EmbeddedWorld, root: str | Path, shard_size: int, mixed: bool = False) -> list[Path]:
-    """img2dataset's webdataset layout: ``%05d.tar`` with ``{key}.jpg/.txt/.json``."""
+def write_shards(w: EmbeddedWorld, root: str | Path, shard_size: int, mixed: bool = False,
+                 start_shard: int = 0) -> list[Path]:
+    """img2dataset's webdataset layout: ``%05d.tar`` with ``{key}.jpg/.txt/.json``, numbered from
+    ``start_shard`` (large sets are written world by world, as their pixels would not fit in memory)."""
     import webdataset as wds
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    with wds.ShardWriter(str(root / "%05d.tar"), maxcount=shard_size, verbose=0) as sink:
+    with wds.ShardWriter(str(root / "%05d.tar"), maxcount=shard_size, verbose=0, start_shard=start_shard) as sink:
         for i, (key, caption) in enumerate(zip(w.keys, w.captions)):
             mode, fmt = mode_of(i, mixed) if mixed else ("RGB", "jpg")
             sink.write({"__key__": key, fmt: encode(w.images[i], mode, fmt), "txt": caption,
