@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm.auto import tqdm
 
-from data.captions import CaptionPolicy, CaptionSpec
+from data.captions import CaptionPolicy, CaptionSpec, alternative_source
 from data.dataset import base_pairs, duplication_counts
 from data.images import IMAGE_EXTENSIONS, ImageSpec
 from data.injection import DuplicationManifest, expand_plan
@@ -65,8 +65,7 @@ def materialize(cfg: DictConfig) -> DuplicationManifest:
     cspec = CaptionSpec.from_config(data.get("captions"))
     policy = CaptionPolicy(cspec, [index.records[r].captions for r in records])
     if manifest.mode == "image_only":
-        manifest.caption_source = ("the pair's own captions (its 'captions' field) while they last, then its caption "
-                                   f"with {cspec.num_tokens} random words of the source's vocabulary added")
+        manifest.caption_source = alternative_source(cspec)
     copy_of, seen = [], {}
     for entry in entries:
         copy_of.append(seen.get(entry.pair, 0))

@@ -47,6 +47,12 @@ class CaptionSpec:
         return spec
 
 
+def alternative_source(spec: CaptionSpec) -> str:
+    """Where image-only repeats' other captions come from (recorded in the manifest)."""
+    return ("the pair's own captions (its 'captions' field) while they last, then its caption with "
+            f"{spec.num_tokens} random words of the source's vocabulary added")
+
+
 class CaptionPolicy:
     """Chooses and perturbs the caption of each draw."""
 

@@ -31,7 +31,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from data.captions import CaptionPolicy, CaptionSpec
+from data.captions import CaptionPolicy, CaptionSpec, alternative_source
 from data.images import ImageSpec, decode
 from data.injection import DuplicationManifest, Entry, choose_pairs, choose_weighted, counts_from_list, expand_plan
 from data.sampler import DrawSampler
@@ -225,10 +225,11 @@ def build_real(cfg: DictConfig) -> TrainingData:
     repeats are the duplicates, counted from the data itself; mode and seed come from the
     manifest beside it.
     """
-    spec = ImageSpec.from_config(cfg)
+    spec, mode = ImageSpec.from_config(cfg), access(cfg)
     index = scan_source(cfg, spec)
+    log = logging.getLogger(__name__)
     if index.skipped:
-        logging.getLogger(__name__).warning("%s: skipped %s", index.name, dict(sorted(index.skipped.items())))
+        log.warning("%s: skipped %s", index.name, dict(sorted(index.skipped.items())))
     keys, records = base_pairs(index, cfg.num_pairs)
     first = set(keys)
     occurrences = Counter(rec.key for rec in index.records if rec.key in first)
@@ -239,6 +240,9 @@ def build_real(cfg: DictConfig) -> TrainingData:
         position = {k: i for i, k in enumerate(keys)}
         entries = [Entry(position[rec.key], r) for r, rec in enumerate(index.records) if rec.key in first]
         saved = manifest_beside(cfg)
+        if saved is None:
+            log.warning("%s: keys repeat and no manifest.json is beside it; each repeat counts as a duplicate",
+                        index.name)
         info = json.loads(saved.read_text()) if saved else {}
         manifest = DuplicationManifest(seed=info.get("seed", cfg.duplication.seed), mode=info.get("mode", "exact"),
                                        num_base=len(keys), num_total=len(entries),
@@ -250,14 +254,13 @@ def build_real(cfg: DictConfig) -> TrainingData:
     cspec = CaptionSpec.from_config(cfg.get("captions"))
     policy = CaptionPolicy(cspec, [index.records[r].captions for r in records])
     if manifest.mode == "image_only" and not manifest.caption_source:
-        manifest.caption_source = ("the pair's own captions (its 'captions' field) while they last, then its caption "
-                                   f"with {cspec.num_tokens} random words of the source's vocabulary added")
+        manifest.caption_source = alternative_source(cspec)
     dataset = PairDataset(entries, keys, [rec.captions for rec in index.records], manifest, policy, index=index,
                           spec=spec)
     main_captions = [index.records[r].captions[0] for r in records]
     data = TrainingData(dataset=dataset, pairs=SourcePairs(keys, main_captions, records, index, spec),
                         manifest=manifest, skipped=dict(sorted(index.skipped.items())), weights=weights)
-    if access(cfg) == "stream":
+    if mode == "stream":
         from data.stream import ShardStream
 
         data.stream = ShardStream(expand_urls(cfg.urls), dataset, weights, int(cfg.get("shuffle_buffer", 1000)))
