@@ -272,10 +272,14 @@ def access(cfg: DictConfig) -> str:
     mode = cfg.get("access", "auto")
     if mode not in ("auto", "indexed", "stream"):
         raise ValueError(f"data.access={mode!r}; expected auto, indexed or stream")
+    remote = cfg.source == "webdataset" and not all(map(is_local, expand_urls(cfg.urls)))
     if mode == "auto":
-        return "stream" if cfg.source == "webdataset" and not all(map(is_local, expand_urls(cfg.urls))) else "indexed"
+        return "stream" if remote else "indexed"
     if mode == "stream" and cfg.source != "webdataset":
         raise ValueError(f"data.access=stream reads webdataset shards; data.source={cfg.source!r} is indexed only")
+    if mode == "indexed" and remote:
+        raise ValueError("data.access=indexed reads samples by byte offset and needs local shards; shards at URLs "
+                         "stream (data.access=stream or auto)")
     return mode
 
 

@@ -180,17 +180,17 @@ class TarReader(Reader):
 
     def read(self, locs: list[tuple]) -> list[bytes]:
         out: dict[int, bytes] = {}
-        remote: dict[int, dict[str, int]] = {}
+        remote: dict[int, dict[str, list[int]]] = {}
         for i, (shard, offset, size, name) in enumerate(locs):
             if is_local(self.urls[shard]):
                 out[i] = os.pread(self._fd(shard), size, offset)
             else:
-                remote.setdefault(shard, {})[name] = i
+                remote.setdefault(shard, {}).setdefault(name, []).append(i)
         for shard, wanted in remote.items():
             for _, group in tar_groups(self.urls[shard]):
                 for data, member in group.values():
-                    if member.name in wanted:
-                        out[wanted[member.name]] = data
+                    for i in wanted.get(member.name, ()):
+                        out[i] = data
         return [out[i] for i in range(len(locs))]
 
 
