@@ -10,7 +10,8 @@ floor(w) draws plus one more with probability frac(w)), pass a seeded shuffle bu
 decoded with an RNG seeded by (seed, global worker, sample number).
 
 Resume: the DataLoader takes batches from its workers in turn, so after ``s`` micro-steps
-worker ``w`` has produced ``ceil((s - w) / W)`` batches; on resume each worker replays its
+stream worker ``w`` has produced ``ceil((s - w) / W)`` batches; on resume DataLoader worker
+``i`` plays stream worker ``(i + s) % W`` (the one whose batch is due first) and replays its
 stream without decoding up to that point. Same seed, ranks and workers give the same batches.
 """
 
@@ -88,7 +89,8 @@ class WorkerStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
+        # The DataLoader asks its worker 0 first; after s micro-steps the next batch is stream worker s % W's.
+        worker = ((info.id if info is not None else 0) + self.start) % self.workers
         done = max(0, math.ceil((self.start - worker) / self.workers))  # batches this worker already produced
         skip = done * self.batch_size
         rng = np.random.default_rng([self.seed, self.rank, worker, 2])
