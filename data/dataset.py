@@ -1,22 +1,45 @@
 """Training data as the loop and evaluation see it, whatever the source.
 
-The loop only asks for step-addressed batches (:meth:`TrainingData.batches`); evaluation only
-asks for the base pairs (each unique pair once, to pick prompts and find their training
-images) and the duplication manifest. Sources differ only in how they provide these.
+The loop only asks for batches (:meth:`TrainingData.batches`); evaluation only asks for the
+base pairs (each unique pair once, to pick prompts and find their training images) and the
+duplication manifest. Sources differ only in how they provide these.
+
+Two ways to feed the loop, both exactly resumable:
+
+- **indexed** (the embedded world, and every real source on local disk): the source is indexed
+  once, so micro-step ``s`` on rank ``r`` always gets the same samples, crops and captions
+  (:class:`data.sampler.DrawSampler`), as the embedded world always did;
+- **stream** (webdataset shards at URLs, or ``data.access=stream``): shards are shuffled per
+  epoch and split over ranks and DataLoader workers, samples pass a seeded shuffle buffer
+  (:mod:`data.stream`); a resumed run skips, without decoding, the samples its workers had
+  already produced, which repeats the uninterrupted run exactly for the same number of ranks
+  and workers.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from data.injection import DuplicationManifest, plan_duplicates
-from data.sampler import StepBatchSampler
+from data.captions import CaptionPolicy, CaptionSpec, alternative_source
+from data.images import ImageSpec, decode
+from data.injection import DuplicationManifest, Entry, choose_pairs, choose_weighted, counts_from_list, expand_plan
+from data.sampler import DrawSampler
+from data.sources import SourceIndex, expand_urls, is_local, load_images, scan_source
 from data.world import EmbeddedWorld, WorldConfig, generate_world
+
+if TYPE_CHECKING:
+    from data.stream import ShardStream
 
 
 @dataclass
@@ -35,24 +58,59 @@ class BasePairs:
         return self.images[indices]
 
 
-class PairDataset(Dataset):
-    """Training samples over the base pairs, indexed through a duplication plan."""
+@dataclass
+class SourcePairs:
+    """Every unique pair of a real source once; images are read and decoded only when asked for,
+    so evaluation can walk millions of pairs in chunks."""
 
-    def __init__(self, pairs: BasePairs, indices: list[int], manifest: DuplicationManifest):
-        self.pairs, self.indices, self.manifest = pairs, indices, manifest
+    keys: list[str]
+    captions: list[str]
+    records: list[int]
+    index: SourceIndex
+    spec: ImageSpec
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.keys)
 
-    def __getitem__(self, i: int) -> dict:
-        base = self.indices[i]
-        key = self.pairs.keys[base]
+    def images_at(self, indices: list[int]) -> torch.Tensor:
+        """uint8 images ``[len(indices), 3, R, R]`` of the given base pairs (centre crop, no flip)."""
+        spec = ImageSpec(self.spec.resolution, True, False, self.spec.min_size, self.spec.max_pixels)
+        return load_images(self.index, [self.records[i] for i in indices], spec)
+
+
+class PairDataset(Dataset):
+    """Training samples of a duplication plan; item ``(i, draw)`` is plan entry ``i`` with the
+    randomness of its crop, flip and caption seeded by ``draw``. ``captions`` are per source record."""
+
+    def __init__(self, entries: list[Entry], keys: list[str], captions: list[list[str]],
+                 manifest: DuplicationManifest, policy: CaptionPolicy, images: torch.Tensor | None = None,
+                 index: SourceIndex | None = None, spec: ImageSpec | None = None):
+        self.entries, self.keys, self.captions, self.manifest = entries, keys, captions, manifest
+        self.policy, self.images, self.index, self.spec = policy, images, index, spec
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def sample(self, entry: Entry, draw: tuple[int, ...], data: bytes | None = None) -> dict:
+        """One sample; ``data`` are its image bytes when the caller has already read them (streams)."""
+        rng = np.random.default_rng(draw)
+        if self.images is not None:
+            pixels = self.images[entry.record]
+        else:
+            data = data if data is not None else self.index.reader.read([self.index.records[entry.record].loc])[0]
+            pixels = decode(data, self.spec, rng)
+        key = self.keys[entry.pair]
+        captions = self.captions[entry.record if entry.text < 0 else entry.text]
         return {
-            "pixel_values": self.pairs.images[base].float() / 127.5 - 1.0,
-            "caption": self.pairs.captions[base],
+            "pixel_values": pixels.float() / 127.5 - 1.0,
+            "caption": self.policy.draw(captions, entry.variant, self.manifest.seed, rng),
             "key": key,
             "duplicated": self.manifest.is_duplicated(key),
         }
+
+    def __getitem__(self, item: tuple[int, tuple[int, ...]]) -> dict:
+        i, draw = item
+        return self.sample(self.entries[i], draw)
 
 
 def collate(items: list[dict]) -> dict:
@@ -67,30 +125,166 @@ def collate(items: list[dict]) -> dict:
 
 @dataclass
 class TrainingData:
-    """The training samples, the base pairs they draw on, the manifest, and skip counts by reason."""
+    """The training samples, the base pairs they draw on, the manifest, and skip counts by reason.
+
+    ``weights`` (per sample) turn uniform draws into on-the-fly weighted duplication; ``stream``
+    replaces step-addressed draws with a sharded stream (see the module docstring).
+    """
 
     dataset: PairDataset
-    pairs: BasePairs
+    pairs: BasePairs | SourcePairs
     manifest: DuplicationManifest
     world: EmbeddedWorld | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    weights: torch.Tensor | None = None
+    stream: ShardStream | None = None
 
     def batches(self, batch_size: int, seed: int, rank: int, world_size: int, start_micro_step: int = 0,
                 num_workers: int = 0) -> Iterator[dict]:
-        """Endless per-rank batches; micro-step ``s`` on rank ``r`` always gets the same samples,
-        so a resumed run sees exactly what an uninterrupted one would."""
-        sampler = StepBatchSampler(len(self.dataset), batch_size, seed, rank, world_size,
-                                   start_micro_step=start_micro_step)
+        """Endless per-rank batches; a resumed run sees exactly what an uninterrupted one would."""
+        if self.stream is not None:
+            return self.stream.batches(batch_size, seed, rank, world_size, start_micro_step, num_workers)
+        sampler = DrawSampler(len(self.dataset), batch_size, seed, rank, world_size,
+                              start_micro_step=start_micro_step, weights=self.weights)
         return iter(DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers))
+
+
+def duplication_counts(cfg: DictConfig, keys: list[str]) -> dict[int, int]:
+    """``{base index: total count}`` from ``data.duplication``: explicit ``counts`` (a mapping or a
+    JSON file of ``{key: count}``), else ``num_duplicated`` pairs drawn with ``copies`` each."""
+    dup = cfg.duplication
+    explicit = dup.get("counts")
+    if explicit:
+        if isinstance(explicit, str):
+            if not Path(explicit).exists():
+                raise FileNotFoundError(f"data.duplication.counts={explicit} does not exist; give a JSON file "
+                                        "of {key: total count} or a mapping")
+            explicit = json.loads(Path(explicit).read_text())
+        else:
+            explicit = OmegaConf.to_container(explicit)
+        return counts_from_list(keys, {str(k): int(v) for k, v in explicit.items()})
+    copies = dup.copies if isinstance(dup.copies, int) else list(dup.copies)
+    return choose_pairs(keys, dup.num_duplicated, copies, dup.seed)
+
+
+def plan(cfg: DictConfig, keys: list[str], records: list[int]
+         ) -> tuple[list[Entry], DuplicationManifest, torch.Tensor | None]:
+    """The duplication plan over base pairs: copies (``data.duplication``) or weights (``data.weighted``)."""
+    weighted = cfg.get("weighted")
+    if weighted:
+        if cfg.duplication.num_duplicated or cfg.duplication.get("counts"):
+            raise ValueError("data.weighted and data.duplication.num_duplicated/counts both duplicate; use one")
+        weights, manifest = choose_weighted(keys, float(weighted.fraction), float(weighted.weight),
+                                            cfg.duplication.seed)
+        return [Entry(p, records[p]) for p in range(len(keys))], manifest, torch.from_numpy(weights)
+    entries, manifest = expand_plan(keys, records, duplication_counts(cfg, keys), cfg.duplication.seed,
+                                    cfg.duplication.get("mode", "exact"))
+    return entries, manifest, None
+
+
+def build_embedded(cfg: DictConfig) -> TrainingData:
+    world = generate_world(WorldConfig(**cfg.world))
+    entries, manifest, weights = plan(cfg, world.keys, list(range(len(world.keys))))
+    captions = [[c] for c in world.captions]
+    policy = CaptionPolicy(CaptionSpec.from_config(cfg.get("captions")), captions)
+    dataset = PairDataset(entries, world.keys, captions, manifest, policy, images=world.images)
+    return TrainingData(dataset=dataset, pairs=BasePairs(world.keys, world.captions, world.images),
+                        manifest=manifest, world=world, weights=weights)
+
+
+def manifest_beside(cfg: DictConfig) -> Path | None:
+    """The ``manifest.json`` that ``memsieve-data build`` wrote beside a materialized source, if any."""
+    if cfg.get("manifest"):
+        path = Path(cfg.manifest)
+        if not path.exists():
+            raise FileNotFoundError(f"data.manifest={cfg.manifest} does not exist")
+        return path
+    if cfg.source == "webdataset":
+        first = expand_urls(cfg.urls)[0]
+        folder = Path(first).parent if is_local(first) else None
+    else:
+        folder = Path(cfg.get("path") or cfg.get("data_dir") or ".")
+    return folder / "manifest.json" if folder is not None and (folder / "manifest.json").exists() else None
+
+
+def base_pairs(index: SourceIndex, num_pairs: int | None) -> tuple[list[str], list[int]]:
+    """Keys of the first ``num_pairs`` unique pairs in source order (all when ``None``) and each one's
+    record: its original (a materialized caption-only repeat shows another pair's image)."""
+    first: dict[str, int] = {}
+    for r in sorted(range(len(index.records)), key=lambda r: not index.records[r].original):
+        key = index.records[r].key
+        if key not in first and (num_pairs is None or len(first) < num_pairs):
+            first[key] = r
+    return list(first), list(first.values())
+
+
+def build_real(cfg: DictConfig) -> TrainingData:
+    """Index a real source, take its base pairs, and plan duplicates over them.
+
+    A source that already holds repeated keys was materialized (``memsieve-data build``): its
+    repeats are the duplicates, counted from the data itself; mode and seed come from the
+    manifest beside it.
+    """
+    spec, mode = ImageSpec.from_config(cfg), access(cfg)
+    index = scan_source(cfg, spec)
+    log = logging.getLogger(__name__)
+    if index.skipped:
+        log.warning("%s: skipped %s", index.name, dict(sorted(index.skipped.items())))
+    keys, records = base_pairs(index, cfg.num_pairs)
+    first = set(keys)
+    occurrences = Counter(rec.key for rec in index.records if rec.key in first)
+    if max(occurrences.values()) > 1:
+        if cfg.duplication.num_duplicated or cfg.duplication.get("counts") or cfg.get("weighted"):
+            raise ValueError("the source already holds duplicates (materialized by memsieve-data build); "
+                             "set data.duplication.num_duplicated=0 and data.weighted=null")
+        position = {k: i for i, k in enumerate(keys)}
+        entries = [Entry(position[rec.key], r) for r, rec in enumerate(index.records) if rec.key in first]
+        saved = manifest_beside(cfg)
+        if saved is None:
+            log.warning("%s: keys repeat and no manifest.json is beside it; each repeat counts as a duplicate",
+                        index.name)
+        info = json.loads(saved.read_text()) if saved else {}
+        manifest = DuplicationManifest(seed=info.get("seed", cfg.duplication.seed), mode=info.get("mode", "exact"),
+                                       num_base=len(keys), num_total=len(entries),
+                                       counts={k: n for k, n in occurrences.items() if n > 1},
+                                       caption_source=info.get("caption_source", ""))
+        weights = None
+    else:
+        entries, manifest, weights = plan(cfg, keys, records)
+    cspec = CaptionSpec.from_config(cfg.get("captions"))
+    policy = CaptionPolicy(cspec, [index.records[r].captions for r in records])
+    if manifest.mode == "image_only" and not manifest.caption_source:
+        manifest.caption_source = alternative_source(cspec)
+    dataset = PairDataset(entries, keys, [rec.captions for rec in index.records], manifest, policy, index=index,
+                          spec=spec)
+    main_captions = [index.records[r].captions[0] for r in records]
+    data = TrainingData(dataset=dataset, pairs=SourcePairs(keys, main_captions, records, index, spec),
+                        manifest=manifest, skipped=dict(sorted(index.skipped.items())), weights=weights)
+    if mode == "stream":
+        from data.stream import ShardStream
+
+        data.stream = ShardStream(expand_urls(cfg.urls), dataset, weights, int(cfg.get("shuffle_buffer", 1000)))
+    return data
+
+
+def access(cfg: DictConfig) -> str:
+    """``indexed`` or ``stream`` (``data.access``; ``auto``: stream only for shards at URLs)."""
+    mode = cfg.get("access", "auto")
+    if mode not in ("auto", "indexed", "stream"):
+        raise ValueError(f"data.access={mode!r}; expected auto, indexed or stream")
+    remote = cfg.source == "webdataset" and not all(map(is_local, expand_urls(cfg.urls)))
+    if mode == "auto":
+        return "stream" if remote else "indexed"
+    if mode == "stream" and cfg.source != "webdataset":
+        raise ValueError(f"data.access=stream reads webdataset shards; data.source={cfg.source!r} is indexed only")
+    if mode == "indexed" and remote:
+        raise ValueError("data.access=indexed reads samples by byte offset and needs local shards; shards at URLs "
+                         "stream (data.access=stream or auto)")
+    return mode
 
 
 def build_data(cfg: DictConfig) -> TrainingData:
     """Build the configured source and inject duplicates into it."""
-    if cfg.source != "embedded":
-        raise ValueError(f"data.source={cfg.source!r} is not available yet; expected 'embedded'")
-    world = generate_world(WorldConfig(**cfg.world))
-    dup = cfg.duplication
-    indices, manifest = plan_duplicates(world.keys, dup.num_duplicated, list(dup.copies)
-                                        if not isinstance(dup.copies, int) else dup.copies, dup.seed)
-    pairs = BasePairs(world.keys, world.captions, world.images)
-    return TrainingData(dataset=PairDataset(pairs, indices, manifest), pairs=pairs, manifest=manifest, world=world)
+    if cfg.source == "embedded":
+        return build_embedded(cfg)
+    return build_real(cfg)

@@ -24,7 +24,12 @@ class DuplicationManifest:
     mode: str
     num_base: int
     num_total: int
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+    # "copies": counts are occurrences in the training set; "weighted": sampling weights relative to 1
+    # (a pair of weight w is drawn as often as one with w copies), nothing is copied.
+    sampling: str = "copies"
+    # image_only: where each repeat's other caption came from.
+    caption_source: str = ""
 
     def is_duplicated(self, key: str) -> bool:
         return self.counts.get(key, 1) > 1
@@ -71,3 +76,83 @@ def plan_duplicates(
         counts={keys[i]: c for i, c in zip(chosen.tolist(), counts)},
     )
     return indices, manifest
+
+
+
+MODES = ("exact", "image_only", "caption_only")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One training sample of a plan: it carries base pair ``pair``'s key (what the manifest and
+    the logs split by), shows the image of source record ``record`` and takes the captions of
+    record ``text`` (-1: the image's own record), variant ``variant`` (0: the caption itself;
+    j > 0: its j-th alternative, for image-only repeats)."""
+
+    pair: int
+    record: int
+    variant: int = 0
+    text: int = -1
+
+
+def choose_pairs(keys: Sequence[str], num_duplicated: int, copies: int | Sequence[int], seed: int) -> dict[int, int]:
+    """``{base index: total count}``, drawn exactly as :func:`plan_duplicates` draws them."""
+    _, manifest = plan_duplicates(keys, num_duplicated, copies, seed)
+    position = {k: i for i, k in enumerate(keys)}
+    return {position[k]: int(c) for k, c in manifest.counts.items()}
+
+
+def counts_from_list(keys: Sequence[str], counts: dict[str, int]) -> dict[int, int]:
+    """``{base index: total count}`` from an explicit ``{key: total count}`` list."""
+    position = {k: i for i, k in enumerate(keys)}
+    for key, count in counts.items():
+        if key not in position:
+            raise ValueError(f"data.duplication.counts names key {key!r}, which is not among the source's pairs")
+        if int(count) < 1:
+            raise ValueError(f"data.duplication.counts[{key!r}]={count}; expected a total count >= 1")
+    return {position[k]: int(c) for k, c in counts.items() if int(c) > 1}
+
+
+def expand_plan(keys: Sequence[str], records: Sequence[int], chosen: dict[int, int], seed: int,
+                mode: str = "exact") -> tuple[list[Entry], DuplicationManifest]:
+    """Every base pair once, then the repeats of each chosen pair, in the duplication ``mode``.
+
+    ``records[p]`` is base pair ``p``'s source record. Repeats are:
+
+    - ``exact``: the pair itself (image and caption);
+    - ``image_only``: repeat j shows the pair's image with its j-th alternative caption;
+    - ``caption_only``: the pair's caption with the image of a pair that is not duplicated
+      (donors drawn without replacement while they last, seeded).
+    """
+    if mode not in MODES:
+        raise ValueError(f"data.duplication.mode={mode!r}; expected one of {MODES}")
+    entries = [Entry(p, records[p]) for p in range(len(keys))]
+    repeats = [(p, j) for p, count in chosen.items() for j in range(1, count)]
+    if mode == "caption_only" and repeats:
+        donors = np.array([i for i in range(len(keys)) if i not in chosen])
+        if not len(donors):
+            raise ValueError("caption_only duplication needs pairs that are not duplicated to lend their images")
+        rng = np.random.default_rng(seed + 1)
+        order = np.concatenate([rng.permutation(donors) for _ in range(len(repeats) // len(donors) + 1)])
+        entries += [Entry(p, records[int(d)], 0, records[p]) for (p, _), d in zip(repeats, order)]
+    else:
+        entries += [Entry(p, records[p], j if mode == "image_only" else 0) for p, j in repeats]
+    manifest = DuplicationManifest(seed=seed, mode=mode, num_base=len(keys), num_total=len(entries),
+                                   counts={keys[p]: c for p, c in chosen.items()})
+    return entries, manifest
+
+
+def choose_weighted(keys: Sequence[str], fraction: float, weight: float, seed: int
+                    ) -> tuple[np.ndarray, DuplicationManifest]:
+    """On-the-fly duplication (Somepalli et al.): a ``fraction`` of the pairs is drawn ``weight`` times
+    as often as the rest; nothing is copied. Returns per-pair sampling weights and the manifest."""
+    if not 0 < fraction <= 1 or weight < 1:
+        raise ValueError(f"data.weighted needs 0 < fraction <= 1 and weight >= 1, got {fraction} and {weight}")
+    num = max(1, round(fraction * len(keys)))
+    chosen = np.random.default_rng(seed).choice(len(keys), size=num, replace=False)
+    weights = np.ones(len(keys))
+    weights[chosen] = weight
+    manifest = DuplicationManifest(seed=seed, mode="exact", num_base=len(keys), num_total=len(keys),
+                                   counts={keys[i]: float(weight) for i in sorted(chosen.tolist())},
+                                   sampling="weighted")
+    return weights, manifest

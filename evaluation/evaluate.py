@@ -87,6 +87,7 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
                    "seen": result.counts.seen, "dropped": result.counts.dropped},
         "timing": {"seconds_per_step": result.seconds_per_step},
         "prompts": {"duplicated": len(dup), "other": len(other), "seeds": seeds},
+        "data": {"skipped": dict(result.data.skipped)},
     }
     # Other prompts' copy similarity sits near 0 (either sign); the floor keeps the ratio finite and honest.
     summary["copy"]["ratio"] = summary["copy"]["duplicated"] / max(summary["copy"]["other"], COPY_RATIO_FLOOR)

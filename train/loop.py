@@ -25,6 +25,7 @@ from diffusers.training_utils import EMAModel
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from data.captions import perturb_text_embeddings
 from data.dataset import TrainingData, build_data
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
@@ -35,7 +36,7 @@ from train.distributed import configure_backend, schedule_steps_per_step, shared
 from train.export import trained_unet
 from train.loss import per_sample_loss, set_prediction_type, training_target
 from train.optim import build_optimizer
-from train.randomness import draw, posterior_generators
+from train.randomness import draw, micro_step_generator, posterior_generators
 from train.tracking import JsonlLog, wandb_init_kwargs
 from train.validation import run_validation, validation_prompts
 
@@ -156,6 +157,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             noise, timesteps = drawn.noise.to(latents.device), drawn.timesteps.to(latents.device)
             captions = [c if k else "" for c, k in zip(batch["caption"], drawn.captioned.tolist())]
             cond = comps.encode_text(captions).to(weight_dtype)
+            cond = perturb_text_embeddings(cond, cfg.data, micro_step_generator(cfg.seed + 1, micro_step), rank,
+                                           world)
             noisy = sched.add_noise(latents, noise, timesteps).to(input_dtype)
             target = training_target(sched, latents, noise, timesteps)
 
@@ -197,6 +200,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         if done % cfg.logging.every == 0 or done == tc.steps:
             record, groups = summarize_window(window, done, lr_scheduler.get_last_lr()[0], counts)
             window.clear()
+            record.update({f"data/skipped/{reason}": n for reason, n in data.skipped.items()})
             if accelerator.is_main_process:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kept=f"{record['kept_fraction']:.3f}")
