@@ -161,3 +161,24 @@ def test_relaunch_command_runs_the_job_under_accelerate_with_its_own_overrides(t
     cfg.launch.accelerate_config = str(tmp_path / "missing.yaml")
     with pytest.raises(FileNotFoundError, match="launch.accelerate_config=.*missing.yaml does not exist"):
         relaunch_command(cfg, [], str(tmp_path))
+
+
+def test_saved_unet_takes_the_ema_weights_and_leaves_the_training_module_alone(tiny_components):
+    from accelerate import Accelerator
+    from diffusers.training_utils import EMAModel
+
+    from train.export import trained_unet
+
+    unet = tiny_components.unet
+    ema = EMAModel(unet.parameters(), decay=0.5, model_cls=type(unet), model_config=unet.config)
+    for _ in range(3):  # EMAModel copies on its first step, averages after
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.add_(1.0)
+        ema.step(unet.parameters())
+    raw = {k: v.clone() for k, v in unet.state_dict().items()}
+    final = trained_unet(Accelerator(cpu=True), unet, unet, ema)
+    assert all(torch.equal(a, b) for a, b in zip(final.parameters(), ema.shadow_params))
+    assert not all(torch.equal(a, b) for a, b in zip(final.parameters(), unet.parameters()))
+    assert all(torch.equal(raw[k], v) for k, v in unet.state_dict().items())
+    assert final is not unet and not final.training

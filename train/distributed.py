@@ -38,6 +38,7 @@ def configure_backend(accelerator: Accelerator, cfg: DictConfig, weight_dtype: t
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = tc.batch_size  # no dataloader goes through prepare
         ds["gradient_accumulation_steps"] = tc.gradient_accumulation_steps
+        ds["train_batch_size"] = tc.batch_size * tc.gradient_accumulation_steps * accelerator.num_processes
         ds["gradient_clipping"] = float(tc.max_grad_norm or 0.0)  # DeepSpeed clips inside its step
         return weight_dtype
     if accelerator.distributed_type == DistributedType.FSDP:
