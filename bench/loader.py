@@ -3,9 +3,9 @@
 Writes ``--samples`` world renders of ``--source-size`` pixels as JPEG webdataset shards (as
 img2dataset stores LAION at its default 256), then times decoded, transformed batches (shorter
 side resized to ``--resolution``, random crop and flip) from the indexed and the stream loader
-with 0 and 2 DataLoader workers, and the embedded model's training steps at the same batch size
-(``filter=none``, magnitude logged, the loop's default). Prints one JSON line per measurement
-and the ratios loader / training. Goal: >= 3x, so data never limits training. On a shared
+with 0 and 2 DataLoader workers, the embedded model's training steps at the same batch size
+(``filter=none``, magnitude logged, the loop's default), and the start-up index pass. Prints
+one JSON line per measurement and the ratios loader / training. Goal: >= 3x, so data never limits training. On a shared
 machine training slows far more than decoding (it wants every core), so the loader is also
 compared with a reference step time (``--reference-step-s``, BENCHMARKS.md's CPU figure for a
 step with the magnitude logged).
@@ -45,6 +45,15 @@ def loader_rate(cfg, batch: int, batches: int, workers: int) -> float:
     return batches * batch / (time.perf_counter() - start)
 
 
+def index_rate(cfg, samples: int) -> float:
+    """Samples per second of the start-up pass that indexes and validates the source."""
+    from data.dataset import build_data
+
+    start = time.perf_counter()
+    build_data(cfg.data)
+    return samples / (time.perf_counter() - start)
+
+
 def training_rate(batch: int, steps: int, run_dir: str) -> float:
     """Samples per second the embedded model consumes (first step not timed, as in the loop)."""
     from train.loop import train
@@ -81,6 +90,9 @@ def main() -> None:
             cfg = compose_train(["data=webdataset", f"data.urls={Path(tmp) / 'shards'}", f"data.access={access}",
                                  f"data.resolution={args.resolution}", "data.center_crop=false",
                                  "data.random_flip=true", "run_dir=unused"])
+            if access == "indexed":
+                print(json.dumps({"what": "index pass (read + validate every image, once per run start)",
+                                  "samples_per_s": round(index_rate(cfg, args.samples), 1)}), flush=True)
             for workers in (0, 2):
                 rate = loader_rate(cfg, args.batch, args.batches, workers)
                 print(json.dumps({"what": "loader", "access": access, "workers": workers,

@@ -9,6 +9,7 @@ what gives real data the embedded world's step-addressed batches and exact resum
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tarfile
@@ -194,9 +195,39 @@ class TarReader(Reader):
         return [out[i] for i in range(len(locs))]
 
 
-def scan_shards(urls, spec: ImageSpec) -> SourceIndex:
+def shard_signature(shards: list[str], spec: ImageSpec) -> str | None:
+    """What an index of local shards depends on: their paths, sizes and modification times, and
+    the validation settings (``None`` for shards at URLs, which are not cached)."""
+    if not all(map(is_local, shards)):
+        return None
+    stats = [(local_path(u), os.stat(local_path(u)).st_size, os.stat(local_path(u)).st_mtime_ns) for u in shards
+             if Path(local_path(u)).exists()]
+    blob = json.dumps([stats, spec.min_size, spec.max_pixels, spec.resolution])
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def scan_shards(urls, spec: ImageSpec, cache: str | None = None) -> SourceIndex:
+    """Index shards, or load the index an earlier run saved under ``cache`` (``data.index_cache``)
+    for the very same shard files; every rank of a multi-GPU run then skips the pass."""
     shards = expand_urls(urls)
     label = f"data.urls={urls!r}" if isinstance(urls, str) else f"data.urls=[{shards[0]!r}, ...] ({len(shards)} shards)"
+    signature = shard_signature(shards, spec) if cache else None
+    saved = Path(cache).expanduser() / f"{signature}.json" if signature else None
+    if saved is not None and saved.exists():
+        state = json.loads(saved.read_text())
+        records = [Record(k, c, tuple(loc), o) for k, c, loc, o in state["records"]]
+        return SourceIndex(label, records, TarReader(shards), Counter(state["skipped"]))
+    index = scan_tar_files(shards, label, spec)
+    if saved is not None:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"records": [[r.key, r.captions, list(r.loc), r.original] for r in index.records],
+                                   "skipped": dict(index.skipped)}))
+        os.replace(tmp, saved)  # atomic: ranks racing to write leave one whole file
+    return index
+
+
+def scan_tar_files(shards: list[str], label: str, spec: ImageSpec) -> SourceIndex:
     scan = Scan(label, spec)
     for shard, url in enumerate(tqdm(shards, desc="index shards", disable=quiet())):
         for key, group in tar_groups(url):
@@ -307,7 +338,7 @@ def scan_table(cfg, spec: ImageSpec) -> SourceIndex:
 def scan_source(cfg, spec: ImageSpec) -> SourceIndex:
     """Index the configured real source (``data.source``)."""
     if cfg.source == "webdataset":
-        return scan_shards(cfg.urls, spec)
+        return scan_shards(cfg.urls, spec, cfg.get("index_cache"))
     if cfg.source == "folder":
         return scan_folder(cfg.path, spec)
     if cfg.source in ("imagefolder", "hf"):

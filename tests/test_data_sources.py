@@ -65,13 +65,13 @@ def test_img2dataset_shards_train_end_to_end(img2dataset_shards, tmp_path):
     assert sorted(p.name for p in img2dataset_shards.glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     assert len(list(img2dataset_shards.glob("*.parquet"))) == 3  # img2dataset's own metadata beside each shard
     result = train(compose_train([*REAL, *DUPLICATES, "data=webdataset", f"data.urls={img2dataset_shards}",
-                                  "train.steps=4", "eval.enabled=false", f"run_dir={tmp_path}"]), tmp_path)
+                                  "train.steps=2", "eval.enabled=false", f"run_dir={tmp_path}"]), tmp_path)
     assert result.data.skipped == {}
-    assert result.counts.seen["duplicated"] + result.counts.seen["other"] == 4 * 8
+    assert result.counts.seen["duplicated"] + result.counts.seen["other"] == 2 * 8
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["num_base"] == 24 and manifest["num_total"] == 24 + 3 * 3
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [2, 4]
+    assert [r["step"] for r in records] == [2]
 
 
 @pytest.mark.parametrize("source", ["imagefolder", "folder"])

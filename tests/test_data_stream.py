@@ -4,6 +4,7 @@ reproducible by seed and resumes exactly; indexed ranks draw disjoint samples ev
 from __future__ import annotations
 
 import collections
+import os
 
 import pytest
 import torch
@@ -114,3 +115,19 @@ def test_shards_at_urls_stream(shards, tmp_path):
         assert images.shape == (3, 3, 16, 16) and torch.equal(images[0], images[2])
     finally:
         server.shutdown()
+
+
+def test_index_cache_reused_until_shards_change(shards, tmp_path):
+    _, root = shards
+    cache = tmp_path / "cache"
+    overrides = ["data=webdataset", f"data.urls={root}", "data.resolution=16", f"data.index_cache={cache}",
+                 "run_dir=unused"]
+    first = build_data(compose_train(overrides).data)
+    assert len(list(cache.glob("*.json"))) == 1
+    again = build_data(compose_train(overrides).data)
+    assert again.pairs.keys == first.pairs.keys and again.pairs.captions == first.pairs.captions
+    assert torch.equal(again.pairs.images_at([0, 5]), first.pairs.images_at([0, 5]))
+    shard = sorted(root.glob("*.tar"))[0]
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # a rewritten shard
+    build_data(compose_train(overrides).data)
+    assert len(list(cache.glob("*.json"))) == 2
