@@ -11,6 +11,7 @@ Descriptors are L2-normalised, so the dot product of two is their cosine similar
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,9 @@ class SSCD:
             raise FileNotFoundError(f"SSCD weights not found at {path}; set eval.copy.sscd.weights to a "
                                     f"TorchScript file such as sscd_disc_large.torchscript.pt")
         self.path, self.size, self.batch_size, self.device = path, size, batch_size, torch.device(device)
-        self.model = torch.jit.load(str(path), map_location=self.device).eval()
+        with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is the format SSCD ships
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.model = torch.jit.load(str(path), map_location=self.device).eval()
         stat = path.stat()
         # Identifies the descriptors in feature caches: the weights file and the preprocessing.
         self.identity = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()
