@@ -93,11 +93,17 @@ def run_names(dirs: list[Path]) -> list[str]:
         overrides.append(yaml.safe_load(path.read_text()) if path.exists() else None)
     if all(o is not None for o in overrides):
         common = set.intersection(*(set(o) for o in overrides))
-        names = [" ".join(o.split(".")[-1] for o in ov if o not in common) for ov in overrides]
+        names = [" ".join(short(o) for o in ov if o not in common) for ov in overrides]
         if all(names) and len(set(names)) == len(names):
             return names
     names = [d.name for d in dirs]
     return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def short(override: str) -> str:
+    """``data.duplication.copies=40`` to ``copies=40``."""
+    key, _, value = override.partition("=")
+    return f"{key.split('.')[-1]}={value}"
 
 
 def load_runs(paths: list[Path]) -> list[Run]:

@@ -4,6 +4,7 @@ nearest-neighbour search over real training sets."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,9 @@ class TinyDescriptor(torch.nn.Module):
 def write_tiny_sscd(path: Path) -> Path:
     """A TorchScript file of a random :class:`TinyDescriptor` (32 x 32 input)."""
     torch.manual_seed(0)
-    torch.jit.script(TinyDescriptor().eval()).save(str(path))
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is the format SSCD ships
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(TinyDescriptor().eval()).save(str(path))
     return path
 
 
