@@ -90,3 +90,23 @@ def test_memsieve_eval_switches_metrics_without_regenerating_and_changes_seeds(s
 def test_memsieve_eval_rejects_unknown_settings(sweep):
     with pytest.raises(ValueError, match="Key 'metirc' is not in struct"):
         run_config(sweep / "0", ["eval.copy.metirc=sscd"])
+
+
+def test_checkpoint_evaluates_its_ema_weights(tmp_path):
+    """A checkpoint at step 2 holds what a 2-step run saves as its model: the EMA-averaged UNet."""
+    from safetensors.torch import load_file
+
+    from evaluation.reeval import load_checkpoint_unet
+    from train.components import load_pretrained
+
+    common = [*MICRO, "eval.enabled=false", "logging.wandb.enabled=false", "train.ema.enabled=true",
+              "train.ema.decay=0.5", "train.checkpoint_every=2"]
+    long, short = tmp_path / "long", tmp_path / "short"
+    run_cli(python_cli("train", *common, "train.steps=4", f"run_dir={long}"), cwd=tmp_path)
+    run_cli(python_cli("train", *common, "train.steps=2", f"run_dir={short}"), cwd=tmp_path)
+    unet = load_pretrained(str(long / "model"), local_files_only=True).unet
+    load_checkpoint_unet(unet, long / "checkpoints" / "step-2", ema=True)
+    expected = load_file(short / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.allclose(unet.state_dict()[k], v) for k, v in expected.items())
+    raw = load_file(long / "checkpoints" / "step-2" / "model.safetensors")
+    assert any(not torch.allclose(raw[k], v) for k, v in expected.items())  # the average, not the raw weights
