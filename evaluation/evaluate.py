@@ -94,8 +94,11 @@ class Generations:
 
 
 def generation_settings(ec: DictConfig) -> dict:
-    """What a generation depends on besides prompts and seeds."""
-    return {"num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
+    """What a generation depends on besides prompts and seeds (inference-time mitigation too, when set)."""
+    settings = {"num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
+    if ec.get("mitigation"):
+        settings["mitigation"] = OmegaConf.to_container(ec.mitigation, resolve=True)
+    return settings
 
 
 def make_generations(comps, data, ec: DictConfig, progress: bool) -> Generations:
