@@ -143,8 +143,6 @@ def plot_tradeoff(out: Path, runs: list[Run]) -> Path:
             if x is not None and y is not None:
                 ax.scatter(x, y, s=50, facecolors=face, edgecolors=colour,
                            label=r.name if group == "duplicated" else None)
-                if group == "duplicated":
-                    ax.annotate(r.name, (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xlabel(axis_label(runs, "alignment") + " (higher: follows the prompt)")
     ax.set_ylabel(axis_label(runs, "copy") + " (higher: copies)")
     ax.set_title("copying vs prompt alignment (filled: duplicated prompts, hollow: other)", fontsize=9)
