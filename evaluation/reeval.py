@@ -6,8 +6,8 @@ EMA), its resolved config and training set, applies the overrides (any ``eval.*`
 copy or alignment metric, other seeds, steps or guidance) and writes ``summary.json``,
 ``generations.pt`` and ``grid.png`` to ``--out`` (default: the run directory itself). Saved
 generations and detection of the final model are reused when the overrides leave what produced
-them unchanged, so switching metrics costs no sampling. The filter statistics and timing of the
-training run are kept (not for a checkpoint, which they do not describe).
+them unchanged, so switching metrics costs no sampling. The filter statistics, timing and data
+skip counts of the training run are kept (not for a checkpoint, which they do not describe).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, che
     previous = json.loads(old.read_text()) if old.exists() and not checkpoint else {}
     summary = evaluate_model(comps, data, cfg, out, reuse=None if checkpoint else run_dir / "generations.pt",
                              saved_settings=generation_settings(saved.eval), previous=previous, strict=True)
-    summary.update({k: previous[k] for k in ("filter", "timing") if k in previous})
+    summary.update({k: previous[k] for k in ("filter", "timing", "data") if k in previous})
     return write_json(out / "summary.json", summary)
 
 
