@@ -1,53 +1,152 @@
-"""Side-by-side comparison of evaluated runs: JSON, markdown/CSV table, PNG, and W&B."""
+"""Comparison of evaluated runs: table (CSV, markdown), plots (PNG) and W&B.
+
+``memsieve-compare DIR...`` takes run directories or multirun sweep directories (every
+subdirectory holding a ``summary.json`` is a run). It writes ``comparison.csv`` (one row per
+run), ``comparison.md`` (one row per metric, one column per run), ``comparison.json``,
+``comparison.png`` (copy similarity against alignment, one point per run: the trade-off curve)
+and, when the runs differ in duplication count, ``duplication.png`` (memorization against
+duplication count, one line per filter). Both go to W&B (offline unless logged in) as a table
+with a scatter and a line plot. ``experiment=dup_sweep`` calls it at the end of the sweep
+through :class:`CompareSweep`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import yaml  # noqa: E402
+from hydra.experimental.callback import Callback  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from evaluation.report import flatten, write_json  # noqa: E402
 from train.tracking import wandb_mode  # noqa: E402
 
-TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/ratio", "alignment/duplicated", "alignment/other",
-              "detection/auc", "detection/tpr_at_1pct_fpr", "filter/dropped_fraction/duplicated",
-              "filter/dropped_fraction/other", "timing/seconds_per_step")
+TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/ratio",
+              "copy/nearest/duplicated/mean_max", "copy/nearest/duplicated/p95",
+              "copy/nearest/duplicated/above_threshold", "copy/nearest/duplicated/own_is_nearest",
+              "copy/nearest/other/mean_max", "copy/nearest/other/p95", "copy/nearest/other/above_threshold",
+              "alignment/duplicated", "alignment/other", "detection/auc", "detection/tpr_at_1pct_fpr",
+              "filter/dropped_fraction/duplicated", "filter/dropped_fraction/other", "timing/seconds_per_step")
+# What the duplication plot calls memorization: similarity to the own training image, and the
+# nearest-neighbour convention when the runs have it.
+MEMORIZATION_KEYS = {"copy/duplicated": "similarity to own training image",
+                     "copy/nearest/duplicated/mean_max": "max similarity over the training set (mean)"}
 
 
-def comparison_rows(summaries: dict[str, dict]) -> list[dict]:
-    flat = {name: flatten(s) for name, s in summaries.items()}
-    return [{"metric": k, **{name: f.get(k) for name, f in flat.items()}} for k in TABLE_KEYS]
+@dataclass
+class Run:
+    """One evaluated run: its name in tables, directory, flattened summary and swept settings."""
+
+    name: str
+    directory: Path | None
+    summary: dict
+    filter: str | None = None
+    copies: int | None = None
+    metrics: dict = field(init=False)
+
+    def __post_init__(self):
+        self.metrics = flatten(self.summary)
+        self.filter = self.filter or self.metrics.get("filter/kind")
 
 
-def write_table(out: Path, rows: list[dict]) -> None:
-    names = [k for k in rows[0] if k != "metric"]
+def find_runs(paths: list[Path]) -> list[Path]:
+    """Run directories among ``paths``: each path that has ``summary.json``, else its subdirectories that do."""
+    found = []
+    for path in paths:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} is not a directory; expected a run or sweep directory")
+        if (path / "summary.json").exists():
+            found.append(path)
+            continue
+        subs = [d for d in path.iterdir() if (d / "summary.json").exists()]
+        if not subs:
+            raise FileNotFoundError(f"{path} has no summary.json, nor subdirectories with one; expected an "
+                                    f"evaluated run or a sweep of them")
+        found += sorted(subs, key=lambda d: (len(d.name), d.name))  # sweep jobs 0, 1, ..., 10 in order
+    return found
+
+
+def run_settings(run_dir: Path) -> tuple[str | None, int | None]:
+    """The run's filter kind and duplication count (``None`` when mixed or unknown), from its config."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None, None
+    cfg = OmegaConf.load(path)
+    copies = OmegaConf.select(cfg, "data.duplication.copies", default=None)
+    return OmegaConf.select(cfg, "filter.kind", default=None), copies if isinstance(copies, int) else None
+
+
+def run_names(dirs: list[Path]) -> list[str]:
+    """Names from each run's Hydra overrides that not every run shares (``copies=40 filter=none``);
+    directory names where that does not tell the runs apart."""
+    overrides = []
+    for d in dirs:
+        path = d / ".hydra" / "overrides.yaml"
+        overrides.append(yaml.safe_load(path.read_text()) if path.exists() else None)
+    if all(o is not None for o in overrides):
+        common = set.intersection(*(set(o) for o in overrides))
+        names = [" ".join(short(o) for o in ov if o not in common) for ov in overrides]
+        if all(names) and len(set(names)) == len(names):
+            return names
+    names = [d.name for d in dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in dirs]
+
+
+def short(override: str) -> str:
+    """``data.duplication.copies=40`` to ``copies=40``."""
+    key, _, value = override.partition("=")
+    return f"{key.split('.')[-1]}={value}"
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    dirs = find_runs(paths)
+    return [Run(name, d, json.loads((d / "summary.json").read_text()), *run_settings(d))
+            for name, d in zip(run_names(dirs), dirs)]
+
+
+def write_table(out: Path, runs: list[Run]) -> None:
+    """``comparison.csv`` (one row per run, for plotting tools) and ``comparison.md`` (one row per metric)."""
     with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["metric", *names])
+        writer = csv.DictWriter(f, fieldnames=["run", "filter", "copies", *TABLE_KEYS, "directory"])
         writer.writeheader()
-        writer.writerows(rows)
+        for r in runs:
+            writer.writerow({"run": r.name, "filter": r.filter, "copies": r.copies, "directory": r.directory,
+                             **{k: r.metrics.get(k) for k in TABLE_KEYS}})
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
-    lines = ["| metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {r['metric']} | " + " | ".join(fmt(r[n]) for n in names) + " |" for r in rows]
+    lines = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    lines += [f"| {k} | " + " | ".join(fmt(r.metrics.get(k)) for r in runs) + " |"
+              for k in TABLE_KEYS if any(r.metrics.get(k) is not None for r in runs)]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
-def plot(out: Path, rows: list[dict]) -> Path:
-    names = [k for k in rows[0] if k != "metric"]
-    shown = [r for r in rows if r["metric"] not in ("copy/ratio", "timing/seconds_per_step")]
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ax.bar([j + i * width for j in range(len(shown))], [r[name] or 0 for r in shown], width, label=name)
-    ax.set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(shown))])
-    ax.set_xticklabels([r["metric"].replace("filter/dropped_fraction/", "dropped\n").replace("/", "\n", 1)
-                        for r in shown], fontsize=7)
-    ax.legend()
-    ax.set_title("memsieve: unfiltered vs filtered")
+def axis_label(runs: list[Run], kind: str) -> str:
+    """Axis title naming the metric the runs were measured with."""
+    metrics = {r.metrics.get(f"{kind}/metric") for r in runs}
+    return f"{kind} ({', '.join(sorted(str(m) for m in metrics))})"
+
+
+def plot_tradeoff(out: Path, runs: list[Run]) -> Path:
+    """Copy similarity against alignment, one point per run (filled: duplicated prompts, hollow: other)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for i, r in enumerate(runs):
+        colour = f"C{i % 10}"
+        for group, face in (("duplicated", colour), ("other", "none")):
+            x, y = r.metrics.get(f"alignment/{group}"), r.metrics.get(f"copy/{group}")
+            if x is not None and y is not None:
+                ax.scatter(x, y, s=50, facecolors=face, edgecolors=colour,
+                           label=r.name if group == "duplicated" else None)
+    ax.set_xlabel(axis_label(runs, "alignment") + " (higher: follows the prompt)")
+    ax.set_ylabel(axis_label(runs, "copy") + " (higher: copies)")
+    ax.set_title("copying vs prompt alignment (filled: duplicated prompts, hollow: other)", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "comparison.png"
     fig.savefig(path, dpi=120)
@@ -55,18 +154,125 @@ def plot(out: Path, rows: list[dict]) -> Path:
     return path
 
 
-def write_comparison(out: Path, summaries: dict[str, dict], run_dirs: list[Path], wandb_cfg: DictConfig) -> Path:
-    """Write ``comparison.json`` (summaries by run name) with table and PNG; return the JSON path."""
-    out.mkdir(parents=True, exist_ok=True)
-    rows = comparison_rows(summaries)
-    write_table(out, rows)
-    png = plot(out, rows)
-    path = write_json(out / "comparison.json", {**summaries, "runs": {n: str(d) for n, d in zip(summaries, run_dirs)}})
-    if wandb_cfg.enabled:
-        import wandb
+def duplication_lines(runs: list[Run], key: str) -> dict[str, list[tuple[int, float]]]:
+    """``{filter kind: [(duplication count, metric)]}`` sorted by count, for runs that have both."""
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for r in runs:
+        if r.copies is not None and r.metrics.get(key) is not None:
+            lines.setdefault(str(r.filter), []).append((r.copies, r.metrics[key]))
+    return {kind: sorted(points) for kind, points in lines.items()}
 
-        with wandb.init(project=wandb_cfg.project, entity=wandb_cfg.get("entity"), dir=str(out),
-                        mode=wandb_mode(wandb_cfg.mode), name=f"{out.name}-comparison", job_type="comparison") as r:
-            r.log({"comparison/table": wandb.Table(columns=list(rows[0]), data=[list(x.values()) for x in rows]),
-                   "comparison/plot": wandb.Image(str(png))})
+
+def is_duplication_sweep(runs: list[Run]) -> bool:
+    return len({r.copies for r in runs if r.copies is not None}) > 1
+
+
+def plot_duplication(out: Path, runs: list[Run]) -> Path:
+    """Memorization against duplication count, one line per filter, one panel per convention."""
+    keys = [k for k in MEMORIZATION_KEYS if duplication_lines(runs, k)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for kind, points in duplication_lines(runs, key).items():
+            label = "unfiltered" if kind == "none" else f"filtered ({kind})"
+            ax.plot([c for c, _ in points], [v for _, v in points], marker="o", label=label)
+        counts = sorted({c for points in duplication_lines(runs, key).values() for c, _ in points})
+        ax.set_xscale("log")
+        ax.set_xticks(counts, [str(c) for c in counts])
+        ax.minorticks_off()
+        ax.set_xlabel("duplication count (occurrences of each duplicated pair)")
+        ax.set_ylabel(f"{MEMORIZATION_KEYS[key]}\n({axis_label(runs, 'copy')}, duplicated prompts)", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.suptitle("memorization against duplication count", fontsize=10)
+    fig.tight_layout()
+    path = out / "duplication.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
+
+
+def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: DictConfig) -> None:
+    """The per-run table, a scatter of copy against alignment and, for a sweep, memorization lines."""
+    import wandb
+
+    columns = ["run", "filter", "copies", *TABLE_KEYS]
+    with wandb.init(project=wandb_cfg.project, entity=wandb_cfg.get("entity"), dir=str(out),
+                    mode=wandb_mode(wandb_cfg.mode), name=f"{out.name}-comparison", job_type="comparison") as w:
+        rows = [[r.name, r.filter, r.copies, *(r.metrics.get(k) for k in TABLE_KEYS)] for r in runs]
+        table = wandb.Table(columns=columns, data=rows)
+        logged = {"comparison/table": table,
+                  "comparison/tradeoff": wandb.plot.scatter(table, "alignment/duplicated", "copy/duplicated",
+                                                            title="copy vs alignment (duplicated prompts)"),
+                  **{f"comparison/{name}": wandb.Image(str(p)) for name, p in pngs.items()}}
+        for key in MEMORIZATION_KEYS if is_duplication_sweep(runs) else ():
+            lines = duplication_lines(runs, key)
+            if lines:
+                counts = sorted({c for points in lines.values() for c, _ in points})
+                logged[f"comparison/duplication/{key}"] = wandb.plot.line_series(
+                    xs=counts, ys=[[dict(p).get(c) for c in counts] for p in lines.values()], keys=list(lines),
+                    title=f"{key} vs duplication count", xname="duplication count")
+        w.log(logged)
+
+
+def compare(out: Path, runs: list[Run], wandb_cfg: DictConfig | None) -> Path:
+    """Write every output of a comparison into ``out``; return ``comparison.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_table(out, runs)
+    pngs = {"tradeoff": plot_tradeoff(out, runs)}
+    if is_duplication_sweep(runs):
+        pngs["duplication"] = plot_duplication(out, runs)
+    path = write_json(out / "comparison.json", {**{r.name: r.summary for r in runs},
+                                                "runs": {r.name: str(r.directory) for r in runs}})
+    if wandb_cfg is not None and wandb_cfg.enabled:
+        log_wandb(out, runs, pngs, wandb_cfg)
+    return path
+
+
+def write_comparison(out: Path, summaries: dict[str, dict], run_dirs: list[Path], wandb_cfg: DictConfig) -> Path:
+    """Compare named summaries (the demo's ``unfiltered`` and ``filtered``); return ``comparison.json``."""
+    return compare(out, [Run(name, d, s, *run_settings(d)) for (name, s), d in zip(summaries.items(), run_dirs)],
+                   wandb_cfg)
+
+
+class CompareSweep(Callback):
+    """Hydra callback: compare every run of a finished multirun in its sweep directory."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        path = compare(sweep, load_runs([sweep]), config.logging.wandb)
+        print(f"[memsieve-compare] {path.with_name('comparison.md')}\n{path.with_name('comparison.md').read_text()}",
+              flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="memsieve-compare", description=__doc__.split("\n\n")[1])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run directories or multirun sweep directories")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: the one directory given, or their common parent)")
+    parser.add_argument("--wandb", default="auto", choices=["auto", "online", "offline", "disabled"],
+                        help="W&B mode (auto: online when logged in)")
+    parser.add_argument("--project", default="memsieve", help="W&B project")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(args.dirs)
+        out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path(*common_parts(args.dirs)))
+        path = compare(out, runs, OmegaConf.create({"enabled": args.wandb != "disabled", "mode": args.wandb,
+                                                    "project": args.project}))
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(f"memsieve-compare: error: {err}") from None
+    print((out / "comparison.md").read_text(), end="")
+    print(path)
+
+
+def common_parts(dirs: list[Path]) -> tuple[str, ...]:
+    """The longest common leading path components of ``dirs`` (resolved)."""
+    parts = [Path(d).resolve().parts for d in dirs]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return tuple(common)
+
+
+if __name__ == "__main__":
+    main()

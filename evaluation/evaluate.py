@@ -1,49 +1,58 @@
 """End-of-run evaluation: generate for duplicated and other training prompts, measure copying,
-alignment and first-steps detection, and write ``summary.json`` plus a grid PNG."""
+alignment and first-steps detection, and write ``summary.json``, ``generations.pt`` and a grid PNG.
+
+:func:`evaluate_model` is shared by the end of training (:func:`evaluate`) and ``memsieve-eval``
+(:mod:`evaluation.reeval`), which reuses saved generations and detection when their settings match.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from evaluation.generate import generate
-from evaluation.metrics import alignment, caption_region, copy_similarity
 from evaluation.report import flatten, save_grid, write_json
+from evaluation.scores import MetricUnavailable, alignment_scores, copy_scores, copy_summary, split_means
 from filters.detection import detection_metrics, first_steps_magnitudes
 from train.loop import TrainResult
 
-COPY_RATIO_FLOOR = 0.01
 
-
-def choose_prompts(result: TrainResult, num_other: int | None, seed: int) -> tuple[list[int], list[int]]:
+def choose_prompts(data, num_other: int | None, seed: int) -> tuple[list[int], list[int]]:
     """Base indices of every duplicated pair and of up to ``num_other`` random non-duplicated ones
     (as many as duplicated ones when ``None``)."""
-    keys = result.data.pairs.keys
-    dup = [i for i, k in enumerate(keys) if result.data.manifest.is_duplicated(k)]
-    rest = [i for i, k in enumerate(keys) if not result.data.manifest.is_duplicated(k)]
+    keys = data.pairs.keys
+    dup = [i for i, k in enumerate(keys) if data.manifest.is_duplicated(k)]
+    rest = [i for i, k in enumerate(keys) if not data.manifest.is_duplicated(k)]
     count = min(len(dup) if num_other is None else num_other, len(rest))
     picked = np.random.default_rng(seed).choice(len(rest), size=count, replace=False)
     return dup, [rest[i] for i in sorted(picked.tolist())]
 
 
-def detect(result: TrainResult, ec: DictConfig) -> dict:
+def detection_settings(ec: DictConfig) -> dict:
+    """Everything detection's result depends on; equal settings let ``memsieve-eval`` reuse it."""
+    return {"detection": OmegaConf.to_container(ec.detection, resolve=True), "seed": ec.seed,
+            "num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
+
+
+def detect(comps, data, ec: DictConfig) -> dict:
     """First-steps detection of duplicated against other training prompts, in every configured setting.
 
     Each prompt is scored by its mean magnitude over the first k sampling steps and first n
     generations; one early-stopped sampling pass serves all settings.
     """
     dc = ec.detection
-    dup, other = choose_prompts(result, dc.num_other_prompts, ec.seed + 1)
+    dup, other = choose_prompts(data, dc.num_other_prompts, ec.seed + 1)
     labels = np.array([1] * len(dup) + [0] * len(other))
-    captions = [result.data.pairs.captions[i] for i in dup + other]
+    captions = [data.pairs.captions[i] for i in dup + other]
     steps = max(s.steps for s in dc.settings.values())
     generations = max(s.generations for s in dc.settings.values())
-    magnitudes = first_steps_magnitudes(result.components, captions, [ec.seed + j for j in range(generations)],
+    magnitudes = first_steps_magnitudes(comps, captions, [ec.seed + j for j in range(generations)],
                                         ec.num_inference_steps, ec.guidance_scale, steps, ec.batch_size)
     out = {}
     for name, s in dc.settings.items():
@@ -55,53 +64,139 @@ def detect(result: TrainResult, ec: DictConfig) -> dict:
     return out
 
 
+@dataclass
+class Generations:
+    """Every generation of an evaluation (uint8 ``[P, S, 3, H, W]``) and what produced it."""
+
+    indices: list[int]
+    keys: list[str]
+    captions: list[str]
+    seeds: list[int]
+    duplicated: list[int]
+    images: torch.Tensor
+    magnitudes: torch.Tensor
+    settings: dict
+
+    def save(self, path: Path) -> None:
+        torch.save(asdict(self), path)
+
+    @classmethod
+    def load(cls, path: Path, pairs, settings: dict) -> Generations:
+        """Read ``generations.pt``; files from before settings were recorded get ``settings``."""
+        raw = torch.load(path)
+        index = {k: i for i, k in enumerate(pairs.keys)}
+        raw.setdefault("indices", [index[k] for k in raw["keys"]])
+        raw.setdefault("settings", settings)
+        return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
+
+    def matches(self, indices: list[int], seeds: list[int], settings: dict) -> bool:
+        return self.indices == indices and self.seeds == seeds and self.settings == settings
+
+
+def generation_settings(ec: DictConfig) -> dict:
+    """What a generation depends on besides prompts and seeds (inference-time mitigation too, when set)."""
+    settings = {"num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
+    if ec.get("mitigation"):
+        settings["mitigation"] = OmegaConf.to_container(ec.mitigation, resolve=True)
+    return settings
+
+
+def make_generations(comps, data, ec: DictConfig, progress: bool) -> Generations:
+    dup, other = choose_prompts(data, ec.num_other_prompts, ec.seed)
+    indices = dup + other
+    captions = [data.pairs.captions[i] for i in indices]
+    seeds = [ec.seed + j for j in range(ec.num_seeds)]
+    images, magnitudes = generate(comps, captions, seeds, ec.num_inference_steps, ec.guidance_scale,
+                                  ec.batch_size, progress=progress)
+    return Generations(indices, [data.pairs.keys[i] for i in indices], captions, seeds,
+                       [1] * len(dup) + [0] * len(other), (images * 255).round().to(torch.uint8), magnitudes,
+                       generation_settings(ec))
+
+
+def reusable(path: Path | None, data, ec: DictConfig, saved: dict) -> Generations | None:
+    """Saved generations when they are exactly what ``ec`` asks for, else ``None``."""
+    if path is None or not path.exists():
+        return None
+    gens = Generations.load(path, data.pairs, saved)
+    dup, other = choose_prompts(data, ec.num_other_prompts, ec.seed)
+    return gens if gens.matches(dup + other, [ec.seed + j for j in range(ec.num_seeds)], generation_settings(ec)) \
+        else None
+
+
+def say(line: str) -> None:
+    print(f"[memsieve-eval] {line}", flush=True)
+
+
+def measured(name: str, compute, strict: bool) -> tuple[object | None, str | None]:
+    """Run one metric: ``(result, None)``, or ``(None, why)`` when it cannot run here, said in one
+    line (an error instead when ``strict``)."""
+    try:
+        return compute(), None
+    except MetricUnavailable as err:
+        if strict:
+            raise FileNotFoundError(str(err)) from None
+        say(f"{name} not measured: {err}")
+        return None, str(err)
+
+
+def evaluate_model(comps, data, cfg: DictConfig, out_dir: Path, reuse: Path | None = None,
+                   saved_settings: dict | None = None, previous: dict | None = None, strict: bool = False) -> dict:
+    """Evaluate ``comps`` on ``data`` per ``cfg.eval``; write generations and grid to ``out_dir``.
+
+    ``reuse`` is a ``generations.pt`` to take instead of generating when it matches (files from
+    before settings were recorded are taken to have ``saved_settings``); ``previous`` a summary
+    whose detection is reused when its settings match.
+    """
+    ec, pairs = cfg.eval, data.pairs
+    progress = not os.environ.get("CI") and cfg.logging.progress
+    gens = reusable(reuse, data, ec, saved_settings or generation_settings(ec))
+    if gens is None:
+        gens = make_generations(comps, data, ec, progress)
+    else:
+        say(f"reusing {len(gens.captions)} x {len(gens.seeds)} generations from {reuse}")
+    gens.save(out_dir / "generations.pt")
+    refs = pairs.images_at(gens.indices)
+    is_dup = torch.tensor(gens.duplicated).bool()
+    device = comps.unet.device
+    summary = {"prompts": {"duplicated": int(is_dup.sum()), "other": int((~is_dup).sum()), "seeds": gens.seeds}}
+    copy, why = measured("copy", lambda: copy_scores(ec["copy"], gens.images, refs, gens.captions, data, device,
+                                                     progress), strict)
+    summary["copy"] = {"metric": ec["copy"].metric, "unavailable": why} if copy is None else copy_summary(
+        copy[0], copy[1], ec["copy"], is_dup, torch.tensor(gens.indices), len(pairs))
+    align, why = measured("alignment", lambda: alignment_scores(ec.alignment, gens.images, gens.captions, data,
+                                                                device), strict)
+    summary["alignment"] = {"metric": ec.alignment.metric, "unavailable": why} if align is None else {
+        "metric": ec.alignment.metric, "description": align[1], **split_means(align[0], is_dup)}
+    settings = detection_settings(ec)
+    if previous and previous.get("detection", {}).get("config") == settings:
+        summary["detection"] = previous["detection"]
+    else:
+        detection = detect(comps, data, ec)
+        default = detection[ec.detection.default]
+        summary["detection"] = {"auc": default["auc"], "tpr_at_1pct_fpr": default["tpr_at_1pct_fpr"],
+                                "default": ec.detection.default, "settings": detection, "config": settings}
+    k = ec.grid_prompts
+    dup_count = int(is_dup.sum())
+    rows = [(("DUP " if gens.duplicated[p] else "") + gens.captions[p], refs[p].float() / 255,
+             gens.images[p].float() / 255)
+            for p in [*range(min(k, dup_count)), *range(dup_count, dup_count + min(k, len(gens.captions) - dup_count))]]
+    save_grid(out_dir / "grid.png", rows)
+    return summary
+
+
 def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     """Evaluate on the main process (others return ``None``); log to the run's tracker."""
     if not PartialState().is_main_process:
         return None
-    ec, ds, comps = cfg.eval, result.data.pairs, result.components
-    dup, other = choose_prompts(result, ec.num_other_prompts, ec.seed)
-    indices = dup + other
-    labels = np.array([1] * len(dup) + [0] * len(other))
-    captions = [ds.captions[i] for i in indices]
-    seeds = [ec.seed + j for j in range(ec.num_seeds)]
-    images, magnitudes = generate(comps, captions, seeds, ec.num_inference_steps, ec.guidance_scale,
-                                  ec.batch_size, progress=not os.environ.get("CI") and cfg.logging.progress)
-    refs = ds.images_at(indices).float() / 255
-    resolution = refs.shape[-1]
-    copy = torch.stack([copy_similarity(images[p], refs[p], caption_region(captions[p], resolution))
-                        for p in range(len(indices))])  # [P, S]
-    align = torch.stack([alignment(images[p], captions[p]) for p in range(len(indices))])
-    detection = detect(result, ec)
-    default = detection[ec.detection.default]
-    is_dup = torch.from_numpy(labels).bool()
-    dropped = result.counts.dropped_fraction()
-    summary = {
-        "copy": {"duplicated": float(copy[is_dup].mean()), "other": float(copy[~is_dup].mean()),
-                 "metric": "centred pixel cosine outside the captioned object"},
-        "alignment": {"duplicated": float(align[is_dup].mean()), "other": float(align[~is_dup].mean()),
-                      "metric": "fraction of caption attributes recognized"},
-        "detection": {"auc": default["auc"], "tpr_at_1pct_fpr": default["tpr_at_1pct_fpr"],
-                      "default": ec.detection.default, "settings": detection},
-        "filter": {"kind": cfg.filter.kind, "dropped_fraction": dropped,
-                   "seen": result.counts.seen, "dropped": result.counts.dropped},
-        "timing": {"seconds_per_step": result.seconds_per_step},
-        "prompts": {"duplicated": len(dup), "other": len(other), "seeds": seeds},
-        "data": {"skipped": dict(result.data.skipped)},
-    }
-    # Other prompts' copy similarity sits near 0 (either sign); the floor keeps the ratio finite and honest.
-    summary["copy"]["ratio"] = summary["copy"]["duplicated"] / max(summary["copy"]["other"], COPY_RATIO_FLOOR)
     run_dir = Path(result.run_dir)
+    summary = evaluate_model(result.components, result.data, cfg, run_dir)
+    summary["filter"] = {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
+                         "seen": result.counts.seen, "dropped": result.counts.dropped}
+    summary["timing"] = {"seconds_per_step": result.seconds_per_step}
+    summary["data"] = {"skipped": dict(result.data.skipped)}
     write_json(run_dir / "summary.json", summary)
-    torch.save({"captions": captions, "keys": [ds.keys[i] for i in indices], "seeds": seeds,
-                "duplicated": labels.tolist(), "images": (images * 255).round().to(torch.uint8),
-                "magnitudes": magnitudes}, run_dir / "generations.pt")
-    k = ec.grid_prompts
-    rows = [(("DUP " if labels[p] else "") + captions[p], refs[p], images[p])
-            for p in [*range(min(k, len(dup))), *range(len(dup), len(dup) + min(k, len(other)))]]
-    grid = save_grid(run_dir / "grid.png", rows)
     if cfg.logging.wandb.enabled:
-        log_to_tracker(summary, {"eval/grid": grid})
+        log_to_tracker(summary, {"eval/grid": run_dir / "grid.png"})
     return summary
 
 
