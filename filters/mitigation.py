@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from filters.magnitude import text_conditional_magnitude
+from filters.magnitude import first_step_input, magnitude_gradient, unconditional_prediction
 
 
 @dataclass(frozen=True)
@@ -62,31 +62,24 @@ def mitigate_embeddings(unet, scheduler, cond: torch.Tensor, uncond: torch.Tenso
     embedding is restored after every later AdamW step, so a sample's result does not depend
     on what else shares the batch. Gradients are taken only with respect to the embeddings.
     """
-    scheduler.set_timesteps(num_steps, device=latents.device)
-    t = scheduler.timesteps[0]
-    x = scheduler.scale_model_input(latents * scheduler.init_noise_sigma, t)
-    tt = t.expand(x.shape[0]).to(x.device)
-    dtype = cond.dtype
-    with torch.no_grad():
-        eps_uncond = unet(x, tt, encoder_hidden_states=uncond.expand(x.shape[0], *uncond.shape[1:])).sample
+    x, t = first_step_input(scheduler, latents, num_steps)
+    eps_uncond = unconditional_prediction(unet, x, t, uncond)
     emb = cond.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.AdamW([emb], lr=mitigation.lr)
     iterations = torch.zeros(x.shape[0], dtype=torch.long)
-    initial = None
     for i in range(mitigation.max_iterations + 1):
-        magnitude = text_conditional_magnitude(unet(x, tt, encoder_hidden_states=emb.to(dtype)).sample, eps_uncond)
-        if initial is None:
-            initial = magnitude.detach()
+        magnitude, grad = magnitude_gradient(unet, x, t, emb, eps_uncond)
+        if i == 0:
+            initial = magnitude
             eligible = initial > (mitigation.target if mitigation.threshold is None else mitigation.threshold)
-        active = (magnitude > mitigation.target).detach() & eligible
+        active = (magnitude > mitigation.target) & eligible
         if i == mitigation.max_iterations or not active.any():
             break
-        frozen = emb.detach()[~active].clone()
-        (grad,) = torch.autograd.grad(magnitude[active].sum(), emb)
         grad[:, 0] = 0  # the start token's output is the same for every prompt, the empty one included
         emb.grad = grad
+        frozen = emb.detach()[~active].clone()
         optimizer.step()
         with torch.no_grad():
             emb[~active] = frozen
         iterations += active.cpu().long()
-    return MitigationResult(emb.detach().to(dtype), initial.cpu(), magnitude.detach().cpu(), iterations)
+    return MitigationResult(emb.detach().to(cond.dtype), initial.cpu(), magnitude.cpu(), iterations)
