@@ -42,7 +42,8 @@ def token_significance(comps, prompts: list[str], seeds: list[int], num_steps: i
     out = []
     for start in range(0, len(prompts), per_batch):
         chunk = prompts[start:start + per_batch]
-        latents = initial_latents([s for _ in chunk for s in seeds], latent_shape(comps.unet), comps.unet.device)
+        latents = initial_latents([s for _ in chunk for s in seeds], latent_shape(comps.unet), comps.unet.device,
+                                  comps.unet.dtype)
         x, t = first_step_input(scheduler, latents, num_steps)
         eps_uncond = unconditional_prediction(comps.unet, x, t, uncond)
         magnitude, grad = magnitude_gradient(comps.unet, x, t, comps.encode_text(chunk), eps_uncond, len(seeds))

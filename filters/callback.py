@@ -48,21 +48,21 @@ class MemorizationMonitor:
     def attach(self, pipe) -> Iterator[MemorizationMonitor]:
         """Hook ``pipe.unet`` for one or more pipeline calls; records start afresh."""
         self.magnitudes, self._pending = [], None
-        handle = pipe.unet.register_forward_hook(self._record)
+        handle = pipe.unet.register_forward_hook(lambda module, args, output: self._record(pipe, output))
         try:
             yield self
         finally:
             handle.remove()
 
-    def _record(self, module, args, output) -> None:
+    def _record(self, pipe, output) -> None:
+        if not pipe.do_classifier_free_guidance:
+            raise ValueError("the memorization monitor needs classifier-free guidance: guidance_scale > 1")
         sample = output[0] if isinstance(output, tuple) else output.sample
         eps_uncond, eps_cond = sample.detach().chunk(2)  # the pipeline's order: empty prompt first
         self._pending = text_conditional_magnitude(eps_cond, eps_uncond).cpu()
 
     def __call__(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
         """``callback_on_step_end``: file this step's magnitudes; tensors pass through unchanged."""
-        if not pipe.do_classifier_free_guidance:
-            raise ValueError("the memorization monitor needs classifier-free guidance: guidance_scale > 1")
         if self._pending is None:
             raise RuntimeError("no UNet output recorded this step; use the monitor inside `with monitor.attach(pipe)`")
         self.magnitudes.append(self._pending)

@@ -65,6 +65,7 @@ def mitigate_embeddings(unet, scheduler, cond: torch.Tensor, uncond: torch.Tenso
     x, t = first_step_input(scheduler, latents, num_steps)
     eps_uncond = unconditional_prediction(unet, x, t, uncond)
     emb = cond.detach().float().clone().requires_grad_(True)
+    start = emb.detach()[:, 0].clone()
     optimizer = torch.optim.AdamW([emb], lr=mitigation.lr)
     iterations = torch.zeros(x.shape[0], dtype=torch.long)
     for i in range(mitigation.max_iterations + 1):
@@ -75,11 +76,11 @@ def mitigate_embeddings(unet, scheduler, cond: torch.Tensor, uncond: torch.Tenso
         active = (magnitude > mitigation.target) & eligible
         if i == mitigation.max_iterations or not active.any():
             break
-        grad[:, 0] = 0  # the start token's output is the same for every prompt, the empty one included
         emb.grad = grad
         frozen = emb.detach()[~active].clone()
         optimizer.step()
         with torch.no_grad():
             emb[~active] = frozen
+            emb[:, 0] = start  # the start token's output is the same for every prompt, the empty one included
         iterations += active.cpu().long()
     return MitigationResult(emb.detach().to(cond.dtype), initial.cpu(), magnitude.cpu(), iterations)

@@ -20,9 +20,14 @@ def latent_shape(unet) -> tuple[int, int, int]:
     return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """One latent per seed, each from its own generator, so batching never changes a sample."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One latent per seed, each from its own generator, so batching never changes a sample.
+
+    Drawn in float32 on the CPU, as diffusers pipelines draw from CPU generators, then moved.
+    """
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device, dtype)
 
 
 @torch.no_grad()
@@ -65,7 +70,7 @@ def sample_prompts(comps, prompts: list[str], seeds: list[int], num_steps: int, 
     for start in tqdm(range(0, len(pairs), batch_size), desc="sample", disable=not progress):
         chunk = pairs[start:start + batch_size]
         cond = comps.encode_text([prompts[p] for p, _ in chunk])
-        latents = initial_latents([s for _, s in chunk], latent_shape(comps.unet), comps.unet.device)
+        latents = initial_latents([s for _, s in chunk], latent_shape(comps.unet), comps.unet.device, comps.unet.dtype)
         if mitigation is not None:
             cond = mitigate_embeddings(comps.unet, scheduler, cond, uncond, latents, num_steps, mitigation).embeddings
         latents, magnitude = guided_sample(comps.unet, scheduler, cond, uncond, latents, num_steps,
