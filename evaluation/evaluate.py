@@ -15,6 +15,7 @@ from evaluation.generate import generate
 from evaluation.metrics import alignment, caption_region, copy_similarity
 from evaluation.report import flatten, save_grid, write_json
 from filters.detection import detection_metrics, first_steps_magnitudes
+from filters.mitigation import Mitigation
 from train.loop import TrainResult
 
 COPY_RATIO_FLOOR = 0.01
@@ -66,7 +67,8 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     captions = [ds.captions[i] for i in indices]
     seeds = [ec.seed + j for j in range(ec.num_seeds)]
     images, magnitudes = generate(comps, captions, seeds, ec.num_inference_steps, ec.guidance_scale,
-                                  ec.batch_size, progress=not os.environ.get("CI") and cfg.logging.progress)
+                                  ec.batch_size, progress=not os.environ.get("CI") and cfg.logging.progress,
+                                  mitigation=Mitigation.from_config(ec.get("mitigation")))
     refs = ds.images_at(indices).float() / 255
     resolution = refs.shape[-1]
     copy = torch.stack([copy_similarity(images[p], refs[p], caption_region(captions[p], resolution))

@@ -40,7 +40,9 @@ class Mitigation:
         chosen = cfg.target if cfg.target is not None else target
         if chosen is None:
             raise ValueError("mitigation.target=null and no calibrated threshold to use; give mitigation.target=NUMBER")
-        return cls(float(chosen), float(cfg.lr), int(cfg.max_iterations))
+        threshold = cfg.get("threshold")
+        return cls(float(chosen), float(cfg.lr), int(cfg.max_iterations),
+                   None if threshold is None else float(threshold))
 
 
 @dataclass
