@@ -72,6 +72,10 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"detection.generations={d.generations} and batch_size={d.batch_size} must be >= 1")
     if d.guidance_scale <= 1:
         raise ValueError(f"detection.guidance_scale={d.guidance_scale} must be > 1 (the magnitude is CFG's difference)")
+    m = cfg.mitigation
+    if m.enabled and m.target is None and cfg.threshold is None and cfg.nonmemorized is None:
+        raise ValueError("mitigation.target=null needs a threshold to use: give mitigation.target=NUMBER, "
+                         "threshold=threshold.json or nonmemorized=FILE")
 
 
 def detect(cfg: DictConfig) -> dict:

@@ -12,7 +12,8 @@ from tests.conftest import compose_train, python_cli, run_cli
 # 40 pairs, 4 of them 30 times each: after 150 steps the duplicated ones are being memorized.
 TRAINED = ["data.world.num_pairs=40", "data.duplication.num_duplicated=4", "data.duplication.copies=30",
            "train.batch_size=16", "train.steps=150", "train.checkpoint_every=0", "eval.enabled=false",
-           "logging.wandb.enabled=false", "logging.progress=false", "logging.every=150"]
+           "logging.wandb.enabled=false", "logging.progress=false", "logging.every=150",
+           "filter.compute_magnitude=false"]
 
 
 @pytest.fixture(scope="module")
