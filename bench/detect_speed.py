@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.3)
     parser.add_argument("--flag-fpr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--skip-mitigation", action="store_true", help="detection and speed only")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -88,6 +89,9 @@ def main() -> None:
     out["speed"] = {"batched_seconds_per_prompt": batched, "reference_seconds_per_prompt": reference,
                     "ratio": reference / batched, "threads": torch.get_num_threads()}
 
+    if args.skip_mitigation:
+        print(json.dumps(out, indent=2))
+        return
     first = magnitudes[len(dup):, :, 0].flatten().numpy()  # every generation's first-step magnitude, other prompts
     flag = calibrate_threshold(first, args.flag_fpr) if args.flag_fpr > 0 else None
     mitigation = Mitigation(args.target, threshold=flag)
