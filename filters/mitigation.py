@@ -3,8 +3,11 @@
 At the first sampling step the prompt's text-encoder output embedding is optimized with AdamW
 (lr 0.05) to lower the text-conditional magnitude, stopping once it is under a target or after
 at most 10 iterations; the whole trajectory is then sampled with the optimized embedding. A
-prompt whose magnitude is already under the target is left untouched, so ordinary prompts
-keep their generations.
+generation whose first-step magnitude is already under the target (or under ``threshold``,
+when given) is left untouched. ``threshold`` exists because one target serves two purposes
+badly on the embedded model: low enough to stop copying, it also rewrites ordinary prompts
+(BENCHMARKS.md); gating on a calibrated detection threshold keeps them intact. The start
+token's embedding, the same for every prompt, is never changed.
 """
 
 from __future__ import annotations
