@@ -4,7 +4,8 @@ On the run's embedded world (rebuilt from its ``config.yaml``), every duplicated
 separated from ``--other`` non-duplicated ones:
 
 - detection AUC and TPR at 1% FPR in both of Wen et al.'s settings (first step with one
-  generation; first 10 steps with four generations), DDIM 50 steps, guidance 7.5 and ``--guidance``;
+  generation; first 10 steps with four generations), DDIM 50 steps, guidance 7.5 and ``--guidance``,
+  and the spread of the one-generation AUC over ``--seed-spread`` seeds;
 - seconds per prompt of batched early-stopped detection (first step, one generation, all
   prompts per forward) against the reference way (the full 50 steps, one prompt at a time), and
   their ratio, timed in this process;
@@ -61,6 +62,8 @@ def main() -> None:
     parser.add_argument("--flag-fpr", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--skip-mitigation", action="store_true", help="detection and speed only")
+    parser.add_argument("--seed-spread", type=int, default=10,
+                        help="first-step AUC of one generation for each of this many seeds (all prompts share a seed)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -82,6 +85,12 @@ def main() -> None:
         out["detection"][f"guidance_{guidance}"] = {
             name: detection_metrics(magnitudes[:, :g, :k].mean(dim=(1, 2)).numpy(), labels)
             for name, (k, g) in SETTINGS.items()}
+
+    spread = first_steps_magnitudes(comps, captions, [args.seed + j for j in range(args.seed_spread)], 50, 7.5, 1,
+                                    4096)[:, :, 0]
+    aucs = [detection_metrics(spread[:, j].numpy(), labels)["auc"] for j in range(args.seed_spread)]
+    out["detection"]["first_step_1gen_by_seed"] = {"auc": aucs, "mean": float(np.mean(aucs)),
+                                                   "min": min(aucs), "max": max(aucs)}
 
     start = time.perf_counter()
     first_steps_magnitudes(comps, captions, seeds[:1], 50, 7.5, 1, 1024)
