@@ -20,6 +20,7 @@ from evaluation.generate import generate
 from evaluation.report import flatten, save_grid, write_json
 from evaluation.scores import MetricUnavailable, alignment_scores, copy_scores, copy_summary, split_means
 from filters.detection import detection_metrics, first_steps_magnitudes
+from filters.mitigation import Mitigation
 from train.loop import TrainResult
 
 
@@ -96,7 +97,7 @@ class Generations:
 def generation_settings(ec: DictConfig) -> dict:
     """What a generation depends on besides prompts and seeds (inference-time mitigation too, when set)."""
     settings = {"num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
-    if ec.get("mitigation"):
+    if ec.get("mitigation") and ec.mitigation.get("enabled"):
         settings["mitigation"] = OmegaConf.to_container(ec.mitigation, resolve=True)
     return settings
 
@@ -107,7 +108,8 @@ def make_generations(comps, data, ec: DictConfig, progress: bool) -> Generations
     captions = [data.pairs.captions[i] for i in indices]
     seeds = [ec.seed + j for j in range(ec.num_seeds)]
     images, magnitudes = generate(comps, captions, seeds, ec.num_inference_steps, ec.guidance_scale,
-                                  ec.batch_size, progress=progress)
+                                  ec.batch_size, progress=progress,
+                                  mitigation=Mitigation.from_config(ec.get("mitigation")))
     return Generations(indices, [data.pairs.keys[i] for i in indices], captions, seeds,
                        [1] * len(dup) + [0] * len(other), (images * 255).round().to(torch.uint8), magnitudes,
                        generation_settings(ec))

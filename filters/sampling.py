@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from filters.magnitude import predict_pair, text_conditional_magnitude
+from filters.mitigation import Mitigation, mitigate_embeddings
 
 
 def latent_shape(unet) -> tuple[int, int, int]:
@@ -19,9 +20,14 @@ def latent_shape(unet) -> tuple[int, int, int]:
     return (c.in_channels, c.sample_size, c.sample_size)
 
 
-def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu") -> torch.Tensor:
-    """One latent per seed, each from its own generator, so batching never changes a sample."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+def initial_latents(seeds: list[int], shape: tuple[int, ...], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One latent per seed, each from its own generator, so batching never changes a sample.
+
+    Drawn in float32 on the CPU, as diffusers pipelines draw from CPU generators, then moved.
+    """
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device, dtype)
 
 
 @torch.no_grad()
@@ -49,11 +55,13 @@ def guided_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, lat
 
 def sample_prompts(comps, prompts: list[str], seeds: list[int], num_steps: int, guidance_scale: float,
                    batch_size: int, stop_after: int | None = None, progress: bool = False,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   mitigation: Mitigation | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents ``[P, S, ...]`` and magnitudes ``[P, S, steps_run]`` for every prompt x seed.
 
     Many (prompt, seed) pairs share each forward; seed ``s`` gives the same sample whatever
-    the batch, so results do not depend on ``batch_size``.
+    the batch, so results do not depend on ``batch_size``. With ``mitigation`` each pair's prompt
+    embedding is first optimized at the first step (:mod:`filters.mitigation`) and the recorded
+    magnitudes are those of the mitigated trajectory.
     """
     pairs = [(p, s) for p in range(len(prompts)) for s in seeds]
     uncond = comps.encode_text([""])
@@ -62,7 +70,9 @@ def sample_prompts(comps, prompts: list[str], seeds: list[int], num_steps: int, 
     for start in tqdm(range(0, len(pairs), batch_size), desc="sample", disable=not progress):
         chunk = pairs[start:start + batch_size]
         cond = comps.encode_text([prompts[p] for p, _ in chunk])
-        latents = initial_latents([s for _, s in chunk], latent_shape(comps.unet), comps.unet.device)
+        latents = initial_latents([s for _, s in chunk], latent_shape(comps.unet), comps.unet.device, comps.unet.dtype)
+        if mitigation is not None:
+            cond = mitigate_embeddings(comps.unet, scheduler, cond, uncond, latents, num_steps, mitigation).embeddings
         latents, magnitude = guided_sample(comps.unet, scheduler, cond, uncond, latents, num_steps,
                                            guidance_scale, stop_after=stop_after)
         latents_out.append(latents)
