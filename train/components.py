@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -77,6 +77,8 @@ class Components:
             self.tokenizer.save_pretrained(path / "tokenizer")
             self.noise_scheduler.save_pretrained(path / "scheduler")
             return
+        from diffusers import StableDiffusionPipeline  # imports image processors; only needed here
+
         # The pipeline would rewrite these two legacy settings in place (with warnings); set them
         # on a copy so the training scheduler (and evaluation's DDIM built from it) stays as loaded.
         scheduler = DDPMScheduler.from_config(self.noise_scheduler.config, steps_offset=1, clip_sample=False)
