@@ -73,9 +73,7 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, che
     if checkpoint:
         load_checkpoint_unet(comps.unet, checkpoint, cfg.train.ema.enabled)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for part in (comps.unet, comps.text_encoder, comps.vae):
-        if part is not None:
-            part.requires_grad_(False).eval().to(device)
+    comps.for_inference(device)
     data = build_data(cfg.data)
     old = run_dir / "summary.json"
     previous = json.loads(old.read_text()) if old.exists() and not checkpoint else {}

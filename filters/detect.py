@@ -55,13 +55,7 @@ def load_model(cfg: DictConfig) -> Components:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}; expected one of {', '.join(DTYPES)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    comps = build_components(model_cfg, vocabulary=[])
-    for module in (comps.unet, comps.text_encoder, comps.vae):
-        if module is not None:
-            module.to(device).eval()
-            if DTYPES[cfg.dtype] != torch.float32:
-                module.to(DTYPES[cfg.dtype])
-    return comps
+    return build_components(model_cfg, vocabulary=[]).for_inference(device, DTYPES[cfg.dtype])
 
 
 def validate(cfg: DictConfig) -> None:

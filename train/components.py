@@ -61,6 +61,14 @@ class Components:
             latents = self.vae.decode(latents.to(self.vae.dtype) / self.latent_scale).sample
         return (latents.float() / 2 + 0.5).clamp(0, 1)
 
+    def for_inference(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Components:
+        """Every module frozen, in eval mode, on ``device`` in ``dtype``: how detection and
+        re-evaluation use a loaded model (gradients still reach inputs such as prompt embeddings)."""
+        for module in (self.unet, self.text_encoder, self.vae):
+            if module is not None:
+                module.requires_grad_(False).eval().to(device, dtype=dtype)
+        return self
+
     def save(self, path: str | Path) -> None:
         """Write the model where ``model=sd`` loads it.
 
