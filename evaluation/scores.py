@@ -81,7 +81,7 @@ def sscd_copy(cc: DictConfig, images: torch.Tensor, refs: torch.Tensor, pairs, d
         raise MetricUnavailable("eval.copy.metric=sscd needs eval.copy.sscd.weights (a TorchScript file such as "
                                 "sscd_disc_large.torchscript.pt); none given")
     try:
-        model = SSCD(cc.sscd.weights, cc.sscd.size, cc.sscd.batch_size, device)
+        model = SSCD(cc.sscd.weights, cc.sscd.size, cc.sscd.batch_size, device, cc.sscd.get("preprocess", "paper"))
     except FileNotFoundError as err:
         raise MetricUnavailable(str(err)) from None
     P, S = images.shape[:2]
@@ -104,7 +104,8 @@ def copy_scores(cc: DictConfig, images: torch.Tensor, refs: torch.Tensor, captio
         return embedded_copy(images.float() / 255, refs.float() / 255, captions, data.pairs, cc.chunk_size,
                              cc.search), EMBEDDED_COPY
     if cc.metric == "sscd":
-        return sscd_copy(cc, images, refs, data.pairs, device, progress), f"SSCD cosine ({cc.sscd.weights})"
+        return sscd_copy(cc, images, refs, data.pairs, device, progress), \
+            f"SSCD cosine ({cc.sscd.weights}, {cc.sscd.get('preprocess', 'paper')} preprocessing)"
     raise ValueError(f"eval.copy.metric={cc.metric!r}; expected 'embedded' or 'sscd'")
 
 
@@ -149,6 +150,8 @@ def copy_summary(scored: Scored, description: str, cc: DictConfig, is_dup: torch
                  num_train: int) -> dict:
     """``copy`` block of ``summary.json``."""
     out = {"metric": cc.metric, "description": description, **split_means(scored.own, is_dup)}
+    if cc.metric == "sscd":
+        out["preprocess"] = cc.sscd.get("preprocess", "paper")
     # Other prompts' copy similarity sits near 0 (either sign); the floor keeps the ratio finite and honest.
     out["ratio"] = out["duplicated"] / max(out["other"], COPY_RATIO_FLOOR)
     if scored.nearest is not None:

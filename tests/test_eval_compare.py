@@ -67,13 +67,15 @@ def test_memsieve_eval_switches_metrics_without_regenerating_and_changes_seeds(s
     weights, clip = write_tiny_sscd(tmp_path / "sscd.torchscript.pt"), write_tiny_clip(tmp_path)
     out = tmp_path / "sscd_clip"
     proc = run_cli(python_cli("evaluation.reeval", str(run), "eval.copy.metric=sscd",
-                              f"eval.copy.sscd.weights={weights}", "eval.copy.sscd.size=32",
+                              f"eval.copy.sscd.weights={weights}", "eval.copy.sscd.preprocess=skew_320",
+                              "eval.copy.sscd.size=32",
                               f"eval.copy.cache_dir={tmp_path / 'cache'}",
                               "eval.alignment.metric=clip", f"eval.alignment.clip.model={clip}",
                               "eval.alignment.clip.local_files_only=true", "--out", str(out)), cwd=tmp_path)
     assert "reusing" in proc.stdout and proc.stdout.strip().splitlines()[-1] == str(out / "summary.json")
     old, new = (json.loads((d / "summary.json").read_text()) for d in (run, out))
     assert new["copy"]["metric"] == "sscd" and new["alignment"]["metric"] == "clip"
+    assert new["copy"]["preprocess"] == "skew_320"
     assert set(new["copy"]["nearest"]["duplicated"]) == {"mean_max", "p95", "above_threshold", "own_is_nearest"}
     assert -1 <= new["alignment"]["duplicated"] <= 1
     assert new["detection"] == old["detection"] and new["filter"] == old["filter"]  # reused, not recomputed

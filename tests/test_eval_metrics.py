@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcesso
 from data.dataset import build_data
 from evaluation.scores import MetricUnavailable, alignment_scores, copy_scores
 from evaluation.search import cached_features, nearest
-from evaluation.sscd import SSCD
+from evaluation.sscd import SSCD, paper_crop
 from tests.conftest import compose_train
 from tests.tiny_sd import write_tokenizer_files
 
@@ -104,6 +105,7 @@ def test_sscd_path_scores_copies_and_caches_training_features(data, tmp_path):
     weights = write_tiny_sscd(tmp_path / "tiny_sscd.torchscript.pt")
     picks = [5, 999, 1400]
     ec = eval_cfg(tmp_path, "eval.copy.metric=sscd", f"eval.copy.sscd.weights={weights}", "eval.copy.sscd.size=32",
+                  "eval.copy.sscd.preprocess=skew_320",
                   "eval.copy.chunk_size=500")
     scored, description = copy_scores(ec["copy"], planted(data, picks), data.pairs.images_at(picks),
                                       [data.pairs.captions[i] for i in picks], data, "cpu")
@@ -112,7 +114,7 @@ def test_sscd_path_scores_copies_and_caches_training_features(data, tmp_path):
     assert scored.nearest_index[:, 0].tolist() == picks
     cached = list((tmp_path / "cache").glob("sscd-*.pt"))
     assert len(cached) == 1
-    model = SSCD(weights, size=32)
+    model = SSCD(weights, size=32, preprocess="skew_320")
     features = torch.load(cached[0])
     assert features.shape == (len(data.pairs), 64)
     assert torch.allclose(features[:10].float(), model.embed(data.pairs.images_at(list(range(10)))), atol=1e-3)
@@ -157,3 +159,19 @@ def test_clip_score_is_the_models_cosine_in_batches(data, tmp_path):
         out = model(**processor(text=[captions[1]], images=[images[1, 2]], return_tensors="pt", padding=True))
         cosine = float(out.logits_per_image[0, 0] / model.logit_scale.exp())
     assert scores[1][1, 2] == pytest.approx(cosine, abs=1e-5)
+
+
+def test_sscd_paper_preprocessing_is_torchvisions_resize_and_center_crop():
+    """Both papers' Resize(256), CenterCrop(224), Normalize(0.5, 0.5), checked against PIL (torchvision's backend)."""
+    from PIL import Image
+
+    images = torch.randint(0, 256, (2, 3, 40, 70), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    got = paper_crop(images.float() / 255) * 255
+    assert got.shape == (2, 3, 224, 224)
+    for image, ours in zip(images, got):
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((int(256 * 70 / 40), 256), Image.BILINEAR)
+        left = round((pil.width - 224) / 2)
+        ref = torch.from_numpy(np.array(pil.crop((left, 16, left + 224, 240)))).permute(2, 0, 1).float()
+        assert (ours - ref).abs().max() <= 1.0 + 1e-3  # PIL rounds to uint8
+    with pytest.raises(ValueError, match="eval.copy.sscd.preprocess='crop'; expected one of"):
+        SSCD(Path(__file__), preprocess="crop")
