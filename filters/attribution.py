@@ -46,7 +46,8 @@ def token_significance(comps, prompts: list[str], seeds: list[int], num_steps: i
                                   comps.unet.dtype)
         x, t = first_step_input(scheduler, latents, num_steps)
         eps_uncond = unconditional_prediction(comps.unet, x, t, uncond)
-        magnitude, grad = magnitude_gradient(comps.unet, x, t, comps.encode_text(chunk), eps_uncond, len(seeds))
+        magnitude, grad = magnitude_gradient(comps.unet, scheduler, x, t, comps.encode_text(chunk), eps_uncond,
+                                             len(seeds))
         norms = grad.float().norm(dim=-1).cpu()  # [P, L]
         for p, prompt in enumerate(chunk):
             tokens = prompt_tokens(comps.tokenizer, prompt)

@@ -1,7 +1,8 @@
 """Zero-cost detection while generating with a diffusers ``StableDiffusionPipeline``.
 
 With classifier-free guidance the pipeline already predicts the noise for the prompt and for
-the empty prompt at every step; their difference is the magnitude. The monitor reads it from
+the empty prompt at every step; their difference is the magnitude (in epsilon space, through the
+pipeline's scheduler at the UNet's timestep: :mod:`filters.magnitude`). The monitor reads it from
 the UNet's output through a forward hook (the pipeline passes no noise prediction to its
 callbacks) and, as the pipeline's ``callback_on_step_end``, files one row of magnitudes per step
 and flags each image once the steps of its calibrated threshold are done::
@@ -48,18 +49,20 @@ class MemorizationMonitor:
     def attach(self, pipe) -> Iterator[MemorizationMonitor]:
         """Hook ``pipe.unet`` for one or more pipeline calls; records start afresh."""
         self.magnitudes, self._pending = [], None
-        handle = pipe.unet.register_forward_hook(lambda module, args, output: self._record(pipe, output))
+        handle = pipe.unet.register_forward_hook(
+            lambda module, args, kwargs, output: self._record(pipe, args, kwargs, output), with_kwargs=True)
         try:
             yield self
         finally:
             handle.remove()
 
-    def _record(self, pipe, output) -> None:
+    def _record(self, pipe, args: tuple, kwargs: dict, output) -> None:
         if not pipe.do_classifier_free_guidance:
             raise ValueError("the memorization monitor needs classifier-free guidance: guidance_scale > 1")
         sample = output[0] if isinstance(output, tuple) else output.sample
         eps_uncond, eps_cond = sample.detach().chunk(2)  # the pipeline's order: empty prompt first
-        self._pending = text_conditional_magnitude(eps_cond, eps_uncond).cpu()
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        self._pending = text_conditional_magnitude(eps_cond, eps_uncond, pipe.scheduler, timestep).cpu()
 
     def __call__(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
         """``callback_on_step_end``: file this step's magnitudes; tensors pass through unchanged."""

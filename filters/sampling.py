@@ -47,7 +47,7 @@ def guided_sample(unet, scheduler, cond: torch.Tensor, uncond: torch.Tensor, lat
         model_in = scheduler.scale_model_input(latents, t)
         tt = t.expand(latents.shape[0]).to(latents.device)
         eps_cond, eps_uncond = predict_pair(unet, model_in, tt, cond, uncond)
-        magnitudes.append(text_conditional_magnitude(eps_cond, eps_uncond))
+        magnitudes.append(text_conditional_magnitude(eps_cond, eps_uncond, scheduler, tt))
         eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
     return latents, torch.stack(magnitudes)
@@ -61,18 +61,22 @@ def sample_prompts(comps, prompts: list[str], seeds: list[int], num_steps: int, 
     Many (prompt, seed) pairs share each forward; seed ``s`` gives the same sample whatever
     the batch, so results do not depend on ``batch_size``. With ``mitigation`` each pair's prompt
     embedding is first optimized at the first step (:mod:`filters.mitigation`) and the recorded
-    magnitudes are those of the mitigated trajectory.
+    magnitudes are those of the mitigated trajectory; in its joint mode a prompt's seeds share one
+    forward batch and one embedding.
     """
     pairs = [(p, s) for p in range(len(prompts)) for s in seeds]
     uncond = comps.encode_text([""])
     scheduler = comps.sampling_scheduler()
+    if mitigation is not None and mitigation.mode == "joint":
+        batch_size = len(seeds) * max(1, batch_size // len(seeds))
     latents_out, mags = [], []
     for start in tqdm(range(0, len(pairs), batch_size), desc="sample", disable=not progress):
         chunk = pairs[start:start + batch_size]
         cond = comps.encode_text([prompts[p] for p, _ in chunk])
         latents = initial_latents([s for _, s in chunk], latent_shape(comps.unet), comps.unet.device, comps.unet.dtype)
         if mitigation is not None:
-            cond = mitigate_embeddings(comps.unet, scheduler, cond, uncond, latents, num_steps, mitigation).embeddings
+            cond = mitigate_embeddings(comps.unet, scheduler, cond, uncond, latents, num_steps, mitigation,
+                                       len(seeds)).embeddings
         latents, magnitude = guided_sample(comps.unet, scheduler, cond, uncond, latents, num_steps,
                                            guidance_scale, stop_after=stop_after)
         latents_out.append(latents)

@@ -31,7 +31,8 @@ def test_token_significance_matches_finite_differences(tiny_components):
         latents = initial_latents(seeds, latent_shape(comps.unet), dtype=torch.float64)
         x, t = first_step_input(comps.sampling_scheduler(), latents, steps)
         eps_uncond = unconditional_prediction(comps.unet, x, t, comps.encode_text([""]))
-        magnitude, grad = magnitude_gradient(comps.unet, x, t, emb, eps_uncond, generations=len(seeds))
+        magnitude, grad = magnitude_gradient(comps.unet, comps.sampling_scheduler(), x, t, emb, eps_uncond,
+                                             generations=len(seeds))
         assert abs(float(magnitude) - sig.magnitude) < 1e-9
         # Along each token's gradient direction the directional derivative is that gradient's norm;
         # along a random direction through every token, the gradient predicts the change too.
