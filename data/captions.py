@@ -2,12 +2,16 @@
 
 Somepalli et al. (2023) mitigate copying by randomizing captions at training time; Wen et al.
 (2024) compare their filter with the strongest of these (random token addition, RTA). All are
-applied per draw with an RNG seeded by the draw, so resumed runs see the same captions:
+applied per draw with an RNG seeded by the draw, so resumed runs see the same captions. The
+papers' versions (DCR's ``randwordadd``, ``randrepl``, ``wordrepeat``) draw random token ids of
+the model's tokenizer (ids < 49,400 for CLIP, special tokens left out; the embedded model's word
+tokenizer plays CLIP's) and decode them:
 
-- ``rta``: insert ``num_tokens`` random words (from the source's own caption vocabulary, so every
-  word is one the tokenizer has seen) at random positions;
-- ``replace``: replace the caption with a random other pair's caption;
+- ``rta``: insert ``num_tokens`` random decoded tokens, each at a random word position;
+- ``replace``: replace the caption with ``replace_tokens`` (4) random tokens, decoded together;
 - ``repeat``: repeat ``num_tokens`` random words of the caption at random positions;
+- ``rta_words``: ``rta`` with words of the source's own caption vocabulary instead of tokens;
+- ``replace_caption``: replace the caption with a random pair's real caption;
 - ``multiple``: each draw takes one of the pair's captions at random (a ``captions`` field);
 - ``embedding_noise``: Gaussian noise of this std on the text embeddings (in the loop,
   :func:`perturb_text_embeddings`).
@@ -23,7 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-AUGMENTATIONS = ("none", "rta", "replace", "repeat")
+AUGMENTATIONS = ("none", "rta", "replace", "repeat", "rta_words", "replace_caption")
+TOKEN_AUGMENTATIONS = ("rta", "replace")
+CLIP_TOKEN_LIMIT = 49_400  # DCR and Wen et al. draw token ids below this (CLIP's vocabulary is 49,408)
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class CaptionSpec:
     augmentation: str = "none"
     probability: float = 0.1
     num_tokens: int = 2
+    replace_tokens: int = 4
     multiple: bool = False
     embedding_noise: float = 0.0
 
@@ -41,9 +48,10 @@ class CaptionSpec:
         spec = cls(**dict(cfg)) if cfg is not None else cls()
         if spec.augmentation not in AUGMENTATIONS:
             raise ValueError(f"data.captions.augmentation={spec.augmentation!r}; expected one of {AUGMENTATIONS}")
-        if not 0 <= spec.probability <= 1 or spec.num_tokens < 1 or spec.embedding_noise < 0:
-            raise ValueError(f"data.captions needs probability in [0, 1], num_tokens >= 1, embedding_noise >= 0; "
-                             f"got {spec}")
+        if (not 0 <= spec.probability <= 1 or spec.num_tokens < 1 or spec.replace_tokens < 1
+                or spec.embedding_noise < 0):
+            raise ValueError(f"data.captions needs probability in [0, 1], num_tokens >= 1, replace_tokens >= 1, "
+                             f"embedding_noise >= 0; got {spec}")
         return spec
 
 
@@ -53,13 +61,28 @@ def alternative_source(spec: CaptionSpec) -> str:
             f"{spec.num_tokens} random words of the source's vocabulary added")
 
 
-class CaptionPolicy:
-    """Chooses and perturbs the caption of each draw."""
+def token_ids(tokenizer) -> np.ndarray:
+    """The ids random-token baselines draw from: below 49,400 and the tokenizer's size, no special tokens."""
+    special = set(tokenizer.all_special_ids)
+    return np.array([i for i in range(min(CLIP_TOKEN_LIMIT, len(tokenizer))) if i not in special])
 
-    def __init__(self, spec: CaptionSpec, captions: Sequence[Sequence[str]]):
+
+class CaptionPolicy:
+    """Chooses and perturbs the caption of each draw; ``tokenizer`` (the model's) is needed by ``rta`` and ``replace``."""
+
+    def __init__(self, spec: CaptionSpec, captions: Sequence[Sequence[str]], tokenizer=None):
         self.spec = spec
         self.main = [c[0] for c in captions]
         self.vocabulary = sorted({w for c in self.main for w in c.split()})
+        self.tokenizer = tokenizer
+        self.ids = token_ids(tokenizer) if tokenizer is not None and spec.augmentation in TOKEN_AUGMENTATIONS else None
+
+    def random_tokens(self, count: int, rng: np.random.Generator) -> str:
+        """``count`` random token ids decoded together (CLIP's BPE joins word pieces as it decodes)."""
+        if self.ids is None:
+            raise ValueError(f"data.captions.augmentation={self.spec.augmentation} draws token ids of the model's "
+                             f"tokenizer; build the data with it (build_data(cfg, tokenizer=...))")
+        return self.tokenizer.decode(self.ids[rng.integers(len(self.ids), size=count)].tolist()).strip()
 
     def add_words(self, caption: str, count: int, rng: np.random.Generator, pool: Sequence[str]) -> str:
         words = caption.split()
@@ -88,8 +111,14 @@ class CaptionPolicy:
         if s.augmentation == "none" or rng.random() >= s.probability:
             return caption
         if s.augmentation == "rta":
-            return self.add_words(caption, s.num_tokens, rng, self.vocabulary)
+            for _ in range(s.num_tokens):
+                caption = self.add_words(caption, 1, rng, [self.random_tokens(1, rng)])
+            return caption
         if s.augmentation == "replace":
+            return self.random_tokens(s.replace_tokens, rng)
+        if s.augmentation == "rta_words":
+            return self.add_words(caption, s.num_tokens, rng, self.vocabulary)
+        if s.augmentation == "replace_caption":
             return self.main[int(rng.integers(len(self.main)))]
         return self.add_words(caption, s.num_tokens, rng, caption.split() or self.vocabulary)
 

@@ -182,11 +182,11 @@ def plan(cfg: DictConfig, keys: list[str], records: list[int]
     return entries, manifest, None
 
 
-def build_embedded(cfg: DictConfig) -> TrainingData:
+def build_embedded(cfg: DictConfig, tokenizer=None) -> TrainingData:
     world = generate_world(WorldConfig(**cfg.world))
     entries, manifest, weights = plan(cfg, world.keys, list(range(len(world.keys))))
     captions = [[c] for c in world.captions]
-    policy = CaptionPolicy(CaptionSpec.from_config(cfg.get("captions")), captions)
+    policy = CaptionPolicy(CaptionSpec.from_config(cfg.get("captions")), captions, tokenizer)
     dataset = PairDataset(entries, world.keys, captions, manifest, policy, images=world.images)
     return TrainingData(dataset=dataset, pairs=BasePairs(world.keys, world.captions, world.images),
                         manifest=manifest, world=world, weights=weights)
@@ -218,7 +218,7 @@ def base_pairs(index: SourceIndex, num_pairs: int | None) -> tuple[list[str], li
     return list(first), list(first.values())
 
 
-def build_real(cfg: DictConfig) -> TrainingData:
+def build_real(cfg: DictConfig, tokenizer=None) -> TrainingData:
     """Index a real source, take its base pairs, and plan duplicates over them.
 
     A source that already holds repeated keys was materialized (``memsieve-data build``): its
@@ -252,7 +252,7 @@ def build_real(cfg: DictConfig) -> TrainingData:
     else:
         entries, manifest, weights = plan(cfg, keys, records)
     cspec = CaptionSpec.from_config(cfg.get("captions"))
-    policy = CaptionPolicy(cspec, [index.records[r].captions for r in records])
+    policy = CaptionPolicy(cspec, [index.records[r].captions for r in records], tokenizer)
     if manifest.mode == "image_only" and not manifest.caption_source:
         manifest.caption_source = alternative_source(cspec)
     dataset = PairDataset(entries, keys, [rec.captions for rec in index.records], manifest, policy, index=index,
@@ -283,8 +283,9 @@ def access(cfg: DictConfig) -> str:
     return mode
 
 
-def build_data(cfg: DictConfig) -> TrainingData:
-    """Build the configured source and inject duplicates into it."""
+def build_data(cfg: DictConfig, tokenizer=None) -> TrainingData:
+    """Build the configured source and inject duplicates into it; ``tokenizer`` (the model's) serves the
+    random-token caption baselines."""
     if cfg.source == "embedded":
-        return build_embedded(cfg)
-    return build_real(cfg)
+        return build_embedded(cfg, tokenizer)
+    return build_real(cfg, tokenizer)
