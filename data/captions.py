@@ -68,7 +68,7 @@ def token_ids(tokenizer) -> np.ndarray:
 
 
 class CaptionPolicy:
-    """Chooses and perturbs the caption of each draw; ``tokenizer`` (the model's) is needed by ``rta`` and ``replace``."""
+    """Chooses and perturbs the caption of each draw; ``rta`` and ``replace`` need ``tokenizer`` (the model's)."""
 
     def __init__(self, spec: CaptionSpec, captions: Sequence[Sequence[str]], tokenizer=None):
         self.spec = spec

@@ -193,7 +193,8 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     run_dir = Path(result.run_dir)
     summary = evaluate_model(result.components, result.data, cfg, run_dir)
     summary["filter"] = {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
-                         "seen": result.counts.seen, "dropped": result.counts.dropped}
+                         "seen": result.counts.seen, "dropped": result.counts.dropped,
+                         "skipped_steps": result.counts.skipped_steps}
     summary["timing"] = {"seconds_per_step": result.seconds_per_step}
     summary["data"] = {"skipped": dict(result.data.skipped)}
     write_json(run_dir / "summary.json", summary)

@@ -32,7 +32,6 @@ from omegaconf import DictConfig
 
 from filters.magnitude import first_step_input, magnitude_gradient, unconditional_prediction
 
-
 MODES = ("per_generation", "joint")
 
 

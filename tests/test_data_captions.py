@@ -102,6 +102,7 @@ PAPER_BASELINES = {  # DCR's trainspecial options at their default probability; 
 def test_caption_presets_set_each_papers_baseline():
     for name, (augmentation, probability, num_tokens, multiple, noise) in PAPER_BASELINES.items():
         for data in ("embedded", "webdataset"):
-            spec = CaptionSpec.from_config(compose_train([f"captions={name}", f"data={data}", "run_dir=x"]).data.captions)
+            cfg = compose_train([f"captions={name}", f"data={data}", "run_dir=x"])
+            spec = CaptionSpec.from_config(cfg.data.captions)
             assert spec == CaptionSpec(augmentation, probability, num_tokens, 4, multiple, noise), name
     assert compose_train(["run_dir=x"]).data.captions.augmentation == "none"  # no preset by default

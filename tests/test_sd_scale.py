@@ -54,13 +54,14 @@ PRESETS = {
         "train.steps": 20000, "train.batch_size": 8, "train.lr": 1e-5, "train.lr_scheduler": "constant",
         "train.weight_decay": 1e-2, "train.ema.enabled": True, "train.mixed_precision": "fp16",
         "train.gradient_checkpointing": True, "filter.kind": "threshold", "filter.threshold": 2.0,
+        "train.caption_dropout": 0,
     },
     "somepalli2023": {
         "data.source": "webdataset", "data.resolution": 256, "data.num_pairs": 10000,
         "data.weighted.fraction": 0.05, "data.weighted.weight": 5, "data.duplication.mode": "exact",
         "model.kind": "pretrained", "model.pretrained": "stabilityai/stable-diffusion-2-1",
         "train.lr": 5e-6, "train.lr_scheduler": "constant_with_warmup", "train.lr_warmup_steps": 5000,
-        "train.batch_size": 16,
+        "train.batch_size": 16, "train.caption_dropout": 0,
     },
     "embedded": {"data.source": "embedded", "model.kind": "embedded", "filter.kind": "none"},
 }

@@ -1,8 +1,11 @@
 """The training loop: SD fine-tuning with the magnitude filter, one screen per idea.
 
-Every step computes each sample's magnitude at its own noisy input and timestep: the
-conditional prediction is the training forward itself, the unconditional one a second
-forward without gradients. The filter policy decides which samples enter the loss. The pieces
+Every step computes each sample's magnitude (in epsilon space) at its own noisy input and
+timestep: the training forward gives one of the two predictions, a second forward without
+gradients the other (the empty prompt's, or, for a draw whose caption was dropped and whose
+training forward therefore is the unconditional one, its real caption's), so every draw is
+judged at the same cost. The filter policy decides which samples enter the loss; a step in
+which it drops every sample on every rank makes no update. The pieces
 live beside it: per-sample draws addressed by global batch position (``randomness``), the
 per-sample loss with Min-SNR weights (``loss``), backend settings (``distributed``), validation
 images (``validation``) and the final UNet gathered from any wrapper (``export``).
@@ -47,6 +50,7 @@ class FilterCounts:
 
     seen: dict[str, int] = field(default_factory=lambda: {"duplicated": 0, "other": 0})
     dropped: dict[str, int] = field(default_factory=lambda: {"duplicated": 0, "other": 0})
+    skipped_steps: int = 0  # optimizer steps with nothing kept on any rank: no optimizer, LR or EMA step
 
     def add(self, duplicated: torch.Tensor, keep: torch.Tensor) -> None:
         for name, mask in (("duplicated", duplicated), ("other", ~duplicated)):
@@ -57,10 +61,11 @@ class FilterCounts:
         return {k: self.dropped[k] / self.seen[k] if self.seen[k] else 0.0 for k in self.seen}
 
     def state_dict(self) -> dict:
-        return {"seen": dict(self.seen), "dropped": dict(self.dropped)}
+        return {"seen": dict(self.seen), "dropped": dict(self.dropped), "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.dropped = dict(state["seen"]), dict(state["dropped"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 @dataclass
@@ -82,8 +87,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                               log_with="wandb" if cfg.logging.wandb.enabled else None)
     run_dir = shared_run_dir(accelerator, run_dir)
     set_seed(cfg.seed)
-    data = build_data(cfg.data)
     comps = build_components(cfg.model, list(VOCABULARY))
+    data = build_data(cfg.data, comps.tokenizer)
     sched = comps.noise_scheduler
     set_prediction_type(sched, tc.prediction_type)
     unet = comps.unet
@@ -145,6 +150,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     window: list[dict] = []
     started, timed_from = time.perf_counter(), start_step
     for step in bar:
+        step_kept = 0  # samples kept on all ranks over this step's micro-steps
         for micro in range(accum):
             micro_step = step * accum + micro
             batch = next(batches)
@@ -155,36 +161,43 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             drawn = draw(cfg.seed, micro_step, latents.shape, rank, world, sched.config.num_train_timesteps,
                          tc.caption_dropout, tc.noise_offset)
             noise, timesteps = drawn.noise.to(latents.device), drawn.timesteps.to(latents.device)
-            captions = [c if k else "" for c, k in zip(batch["caption"], drawn.captioned.tolist())]
-            cond = comps.encode_text(captions).to(weight_dtype)
-            cond = perturb_text_embeddings(cond, cfg.data, micro_step_generator(cfg.seed + 1, micro_step), rank,
+            real = comps.encode_text(list(batch["caption"])).to(weight_dtype)
+            real = perturb_text_embeddings(real, cfg.data, micro_step_generator(cfg.seed + 1, micro_step), rank,
                                            world)
+            captioned = drawn.captioned.to(latents.device).view(-1, 1, 1)
+            cond = torch.where(captioned, real, uncond)  # a dropped caption trains the unconditional branch
             noisy = sched.add_noise(latents, noise, timesteps).to(input_dtype)
             target = training_target(sched, latents, noise, timesteps)
 
             with accelerator.accumulate(unet):
                 pred = unet(noisy, timesteps, cond).sample
-                if with_magnitude:
+                if with_magnitude:  # the branch the training forward did not take: the pair is judged either way
                     with torch.no_grad():
-                        eps_uncond = unet(noisy, timesteps, uncond.expand(n, -1, -1)).sample
-                    magnitude = text_conditional_magnitude(pred.detach(), eps_uncond)
+                        other = unet(noisy, timesteps, torch.where(captioned, uncond, real)).sample
+                    magnitude = text_conditional_magnitude(pred.detach(), other, sched, timesteps)
                 else:
                     magnitude = torch.full((n,), math.nan, device=latents.device)
                 ids = prompt_ids(batch["caption"]).to(latents.device)
                 keep = policy.keep(magnitude, timesteps, step, ids)
                 dup = batch["duplicated"].to(latents.device)
-                g_mag, g_t, g_valid, g_keep, g_dup, g_ids = accelerator.gather(
-                    (magnitude, timesteps, drawn.captioned.to(latents.device), keep, dup, ids))
+                g_mag, g_t, g_keep, g_dup, g_ids = accelerator.gather((magnitude, timesteps, keep, dup, ids))
+                g_valid = ~g_mag.isnan()
                 policy.observe(g_mag, g_t, g_valid, g_ids)
                 counts.add(g_dup.cpu(), g_keep.cpu())
+                step_kept += int(g_keep.sum())
                 # Min-SNR weights are per sample, so the filter drops each with its own loss.
                 per_sample = per_sample_loss(pred, target, sched, timesteps, tc.snr_gamma)
                 loss = filtered_mean(per_sample, keep, int(g_keep.sum()), world)
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and tc.max_grad_norm:
+                # Nothing kept on any rank all step (a global count, so every rank agrees): AdamW would
+                # still move the weights on stale momentum and weight decay, so skip the update as the
+                # reference does. (DeepSpeed's engine steps inside backward: counted, not skipped there.)
+                updates = step_kept > 0 or not accelerator.sync_gradients
+                if updates and accelerator.sync_gradients and tc.max_grad_norm:
                     accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
+                if updates:
+                    optimizer.step()
+                    lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             window.append(step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator))
             if decisions is not None:
@@ -192,7 +205,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 if accelerator.is_main_process:
                     decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys, "t": g_t.tolist(),
                                      "magnitude": g_mag.float().tolist(), "keep": g_keep.tolist()})
-        if ema is not None:
+        if not step_kept:
+            counts.skipped_steps += 1
+        elif ema is not None:
             ema.step(unet.parameters())
         done = step + 1
         if done == start_step + 1 and tc.steps - start_step > 1:  # time from the end of the first (warm-up) step
@@ -242,7 +257,7 @@ def summarize_window(window: list[dict], step: int, lr: float, counts: FilterCou
     losses = [w["loss"] for w in window if not math.isnan(w["loss"])]
     record = {"step": step, "lr": lr, "loss": sum(losses) / len(losses) if losses else math.nan,
               "kept_fraction": float(cat["keep"].float().mean()),
-              "ranks_all_dropped": sum(w["empty_ranks"] for w in window)}
+              "ranks_all_dropped": sum(w["empty_ranks"] for w in window), "skipped_steps": counts.skipped_steps}
     valid = cat["valid"].bool()
     groups = {}
     for name, sel in (("duplicated", cat["dup"].bool()), ("other", ~cat["dup"].bool())):
