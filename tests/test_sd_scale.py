@@ -57,7 +57,7 @@ PRESETS = {
         "train.caption_dropout": 0,
     },
     "somepalli2023": {
-        "data.source": "webdataset", "data.resolution": 256, "data.num_pairs": 10000,
+        "data.source": "webdataset", "data.resolution": 256, "data.num_pairs": 10000, "data.random_flip": True,
         "data.weighted.fraction": 0.05, "data.weighted.weight": 5, "data.duplication.mode": "exact",
         "model.kind": "pretrained", "model.pretrained": "stabilityai/stable-diffusion-2-1",
         "train.lr": 5e-6, "train.lr_scheduler": "constant_with_warmup", "train.lr_warmup_steps": 5000,
