@@ -19,9 +19,11 @@ WEBSTER = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") 
 PROMPTS = ["a photo of the red cat", "a blue square"]
 
 
-def test_monitor_records_the_detectors_magnitudes(tiny_sd_path, tmp_path):
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_monitor_records_the_detectors_magnitudes(tiny_sd_path, tmp_path, prediction_type):
+    """Both in epsilon space: on a v-prediction pipeline the monitor converts at the UNet's own timestep."""
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     pipe.set_progress_bar_config(disable=True)
     seed, steps = 11, 4
     DetectionThreshold(threshold=0.0, fpr=0.01, steps=2, num_inference_steps=steps, guidance_scale=7.5,
@@ -30,7 +32,9 @@ def test_monitor_records_the_detectors_magnitudes(tiny_sd_path, tmp_path):
     with monitor.attach(pipe):
         pipe(PROMPTS, num_inference_steps=steps, guidance_scale=7.5, output_type="latent",
              generator=[torch.Generator().manual_seed(seed) for _ in PROMPTS], callback_on_step_end=monitor)
-    _, detector = sample_prompts(load_pretrained(str(tiny_sd_path)), PROMPTS, [seed], steps, 7.5, batch_size=8)
+    comps = load_pretrained(str(tiny_sd_path))
+    comps.noise_scheduler.register_to_config(prediction_type=prediction_type)
+    _, detector = sample_prompts(comps, PROMPTS, [seed], steps, 7.5, batch_size=8)
     assert monitor.per_step.shape == (len(PROMPTS), steps)
     torch.testing.assert_close(monitor.per_step, detector[:, 0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(monitor.scores, detector[:, 0, :2].mean(dim=1), rtol=1e-4, atol=1e-5)

@@ -192,10 +192,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 # Nothing kept on any rank all step (a global count, so every rank agrees): AdamW would
                 # still move the weights on stale momentum and weight decay, so skip the update as the
                 # reference does. (DeepSpeed's engine steps inside backward: counted, not skipped there.)
-                updates = step_kept > 0 or not accelerator.sync_gradients
-                if updates and accelerator.sync_gradients and tc.max_grad_norm:
-                    accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
-                if updates:
+                if step_kept or not accelerator.sync_gradients:
+                    if accelerator.sync_gradients and tc.max_grad_norm:
+                        accelerator.clip_grad_norm_(unet.parameters(), tc.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
