@@ -8,8 +8,18 @@ ratios ``filtered / plain``. Presets:
 - ``sd14``: a UNet of Stable Diffusion v1.4's size (860M parameters: blocks 320/640/1280/1280,
   cross-attention width 768, 77 tokens) with random weights, 64x64 inputs, batch 8, fp16, as
   Wen et al.'s fine-tune; it needs a GPU to finish in reasonable time.
+- ``sd14_pipeline``: the real SD path, ``model=sd`` on a pipeline folder: VAE encoding of 512 px
+  images, the CLIP text encoder, the UNet, with the ``wen2024`` preset's batch 8, fp16, EMA and
+  gradient checkpointing. The folder is ``--pipeline PATH`` (e.g. SD v1.4 itself), else one of SD
+  v1.4's size with random weights written for the run (4.3 GB; GPU machines only).
+- ``sd_pipeline_tiny``: the same path on the tests' toy pipeline folder (32 px), to check it on a CPU.
+
+Configurations: ``plain`` (no magnitude), ``magnitude_logged``, ``threshold`` (Wen et al.'s
+rule, the ``wen2024`` preset's filter), ``filtered`` (calibrated, every sample judged) and
+``filtered_quarter`` (calibrated, ``filter.judge_fraction=0.25``); ``--configs`` picks some.
 
     python bench/step_time.py --preset embedded --steps 60
+    python bench/step_time.py --preset sd14_pipeline --steps 60          # on a GPU machine
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 PRESETS = {
     "embedded": [],
@@ -33,11 +44,36 @@ PRESETS = {
         "model.unet.attention_head_dim=8", "model.unet.norm_num_groups=32",
     ],
 }
+# The real SD path on a pipeline folder (model.pretrained is added by main()), as experiment=wen2024 trains.
+PIPELINE = ["model=sd", "model.local_files_only=true", "data.world.num_pairs=256", "data.duplication.num_duplicated=8",
+            "data.duplication.copies=4", "train.batch_size=8", "train.gradient_checkpointing=true",
+            "train.ema.enabled=true"]
+PRESETS["sd14_pipeline"] = [*PIPELINE, "data.world.resolution=512", "train.mixed_precision=fp16"]
+PRESETS["sd_pipeline_tiny"] = [*PIPELINE, "data.world.resolution=32"]
 CONFIGS = {
     "plain": ["filter=none", "filter.compute_magnitude=false"],
     "magnitude_logged": ["filter=none"],
+    "threshold": ["filter=threshold"],
     "filtered": ["filter=calibrated", "filter.min_samples=8"],
+    "filtered_quarter": ["filter=calibrated", "filter.min_samples=8", "filter.judge_fraction=0.25"],
 }
+
+
+def pipeline_folder(preset: str, given: str | None, tmp: str) -> str:
+    """The pipeline folder a ``*_pipeline*`` preset trains from: ``--pipeline``, or one written now."""
+    if given:
+        return given
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.tiny_sd import SD14, TINY, write_tiny_sd
+
+    if preset == "sd14_pipeline" and not torch.cuda.is_available():
+        raise SystemExit("--preset sd14_pipeline writes and trains an SD v1.4-sized pipeline: it needs a GPU "
+                         "(or --pipeline PATH); on a CPU use --preset sd_pipeline_tiny")
+    if preset == "sd14_pipeline":
+        return str(write_tiny_sd(Path(tmp) / "sd14", resolution=512, sizes=SD14))
+    return str(write_tiny_sd(Path(tmp) / "tiny", resolution=32, sizes=TINY))
 
 
 def measure(overrides: list[str]) -> dict:
@@ -65,6 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
+                        help="configurations to run (plain is always run: the ratios' base)")
+    parser.add_argument("--pipeline", help="pipeline folder for the *_pipeline* presets (default: write one)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every configuration")
     args = parser.parse_args()
@@ -74,13 +113,18 @@ def main() -> None:
         print("RESULT " + json.dumps(measure([*common, *CONFIGS[args.child]])), flush=True)
         return
     results = {}
-    for name in CONFIGS:
-        out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
-                              "--child", name, *args.overrides], capture_output=True, text=True, check=True)
-        results[name] = json.loads(out.stdout.split("RESULT ", 1)[1])
-        print(json.dumps({"config": name, "preset": args.preset, **results[name]}), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = [f"model.pretrained={pipeline_folder(args.preset, args.pipeline, tmp)}"] \
+            if "pipeline" in args.preset else []
+        for name in dict.fromkeys(["plain", *args.configs]):
+            out = subprocess.run([sys.executable, __file__, "--preset", args.preset, "--steps", str(args.steps),
+                                  "--child", name, *args.overrides, *extra], capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(out.stdout.split("RESULT ", 1)[1])
+            print(json.dumps({"config": name, "preset": args.preset, **results[name]}), flush=True)
     base = results["plain"]
-    for name in ("magnitude_logged", "filtered"):
+    for name in (n for n in results if n != "plain"):
         ratio = results[name]["seconds_per_step"] / base["seconds_per_step"]
         mem_key = "peak_gpu_mib" if base["peak_gpu_mib"] else "peak_rss_mib"
         print(f"{args.preset}: {name}/plain step time {ratio:.3f}x, peak memory "

@@ -105,6 +105,7 @@ class PairDataset(Dataset):
             "pixel_values": pixels.float() / 127.5 - 1.0,
             "caption": self.policy.draw(captions, entry.variant, self.manifest.seed, rng),
             "key": key,
+            "pair": entry.pair,
             "duplicated": self.manifest.is_duplicated(key),
         }
 
@@ -114,11 +115,13 @@ class PairDataset(Dataset):
 
 
 def collate(items: list[dict]) -> dict:
-    """One batch: ``pixel_values`` in [-1, 1], ``caption``/``key`` lists, ``duplicated`` bool tensor."""
+    """One batch: ``pixel_values`` in [-1, 1], ``caption``/``key`` lists, ``pair`` (each sample's base-pair
+    index, the same for every copy and caption variant of a pair) long tensor, ``duplicated`` bool tensor."""
     return {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "caption": [it["caption"] for it in items],
         "key": [it["key"] for it in items],
+        "pair": torch.tensor([it["pair"] for it in items], dtype=torch.long),
         "duplicated": torch.tensor([it["duplicated"] for it in items], dtype=torch.bool),
     }
 

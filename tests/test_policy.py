@@ -1,17 +1,18 @@
+import pytest
 import torch
 
-from filters.policy import FixedThreshold, TimestepCalibrated, filtered_mean, prompt_ids
+from filters.policy import FixedThreshold, TimestepCalibrated, filtered_mean
 
 
-def test_threshold_drops_exactly_above_and_loss_is_mean_of_kept():
+def test_threshold_keeps_strictly_below_as_the_reference_and_loss_is_mean_of_kept():
     mags = torch.tensor([0.5, 2.5, 1.9, 2.0, 3.1])
     keep = FixedThreshold(2.0).keep(mags, torch.zeros(5, dtype=torch.long), step=10)
-    assert keep.tolist() == [True, False, True, True, False]
+    assert keep.tolist() == [True, False, True, False, False]  # exactly at the threshold: dropped (Wen et al.'s <)
     per_sample = torch.tensor([1.0, 10.0, 3.0, 5.0, 20.0], requires_grad=True)
     loss = filtered_mean(per_sample, keep, int(keep.sum()))
-    assert torch.isclose(loss, torch.tensor(3.0))
+    assert torch.isclose(loss, torch.tensor(2.0))
     loss.backward()
-    assert torch.allclose(per_sample.grad, torch.tensor([1 / 3, 0, 1 / 3, 1 / 3, 0]))
+    assert torch.allclose(per_sample.grad, torch.tensor([1 / 2, 0, 1 / 2, 0, 0]))
 
 
 def test_threshold_waits_for_start_step():
@@ -40,7 +41,7 @@ def test_distributed_normalisation_gives_global_mean():
 def calibrated(**kw) -> TimestepCalibrated:
     args = {"z": 3.0, "buckets": 2, "window": 400, "min_samples": 10, "min_timestep": 500, "memory_decay": 0.5,
             "min_observations": 2, "min_prompts": 20, "drop_observations": 2, **kw}
-    return TimestepCalibrated(1000, **args)
+    return TimestepCalibrated(1000, 2000, **args)
 
 
 def test_relative_magnitude_is_over_the_bucket_median():
@@ -70,9 +71,9 @@ def test_a_prompt_far_above_the_others_is_dropped_at_every_timestep():
     loud = torch.tensor([1000])
     for _ in range(2):
         policy.observe(torch.tensor([3.0]), torch.tensor([800]), torch.tensor([True]), loud)
-    assert policy.memory[1000][0] == 2 and policy.memory[1000][1] > policy.prompt_limit()
-    ids = torch.tensor([1000, 1000, 3, 77])  # loud at low and high t, an ordinary prompt, an unseen one
-    keep = policy.keep(torch.ones(4), torch.tensor([10, 990, 800, 800]), step=0, prompt_ids=ids)
+    assert policy.count[1000] == 2 and policy.average[1000] > policy.prompt_limit()
+    ids = torch.tensor([1000, 1000, 3, 77])  # loud at low and high t, an ordinary pair, an unseen one
+    keep = policy.keep(torch.ones(4), torch.tensor([10, 990, 800, 800]), step=0, pairs=ids)
     assert keep.tolist() == [False, False, True, True]
 
 
@@ -82,33 +83,31 @@ def test_nothing_is_dropped_before_enough_prompts_are_judged_or_before_start_ste
     policy.observe(torch.tensor([9.0, 9.0]), torch.tensor([800, 800]), torch.ones(2, dtype=torch.bool),
                    torch.tensor([1000, 1000]))
     assert policy.prompt_limit() == float("inf")
-    assert policy.keep(torch.ones(1), torch.tensor([800]), step=0, prompt_ids=torch.tensor([1000])).all()
+    assert policy.keep(torch.ones(1), torch.tensor([800]), step=0, pairs=torch.tensor([1000])).all()
     late = calibrated(start_step=5)
     calibrate_population(late)
     late.observe(torch.tensor([9.0, 9.0]), torch.tensor([800, 800]), torch.ones(2, dtype=torch.bool),
                  torch.tensor([1000, 1000]))
-    assert late.keep(torch.ones(1), torch.tensor([800]), step=4, prompt_ids=torch.tensor([1000])).all()
-    assert not late.keep(torch.ones(1), torch.tensor([800]), step=5, prompt_ids=torch.tensor([1000])).any()
+    assert late.keep(torch.ones(1), torch.tensor([800]), step=4, pairs=torch.tensor([1000])).all()
+    assert not late.keep(torch.ones(1), torch.tensor([800]), step=5, pairs=torch.tensor([1000])).any()
 
 
 def test_uncaptioned_and_unjudged_samples_do_not_count_and_state_round_trips():
     policy = calibrated()
     calibrate_population(policy)
-    before = dict(policy.memory)
-    policy.observe(torch.tensor([5.0, 5.0]), torch.tensor([800, 100]), torch.tensor([False, True]),
-                   torch.tensor([3, 4]))
-    assert policy.memory == before  # uncaptioned at t=800, captioned but unjudged at t=100
-    clone = calibrated()
-    clone.load_state_dict(policy.state_dict())
-    assert clone.memory == policy.memory
-    assert torch.allclose(clone.medians(), policy.medians(), equal_nan=True)
-    assert clone.prompt_limit() == policy.prompt_limit()
-
-
-def test_prompt_ids_are_stable_and_distinct():
-    a = prompt_ids(["a big red circle", "a big red circle", "a small red circle"])
-    assert a[0] == a[1] != a[2] and (a >= 0).all()
-    assert torch.equal(a, prompt_ids(["a big red circle", "a big red circle", "a small red circle"]))
+    before = policy.state_dict()
+    policy.observe(torch.tensor([5.0, 5.0, float("nan")]), torch.tensor([800, 100, 800]),
+                   torch.tensor([False, True, True]), torch.tensor([3, 4, 5]))
+    after = policy.state_dict()  # uncaptioned at t=800, captioned but unjudged at t=100, not measured (nan)
+    assert torch.equal(after["count"], before["count"]) and torch.equal(after["average"], before["average"])
+    for quantile in ("exact", "histogram"):
+        clone = calibrated(quantile=quantile)
+        clone.load_state_dict(policy.state_dict())
+        assert torch.equal(clone.count, policy.count) and torch.equal(clone.average, policy.average)
+        assert torch.allclose(clone.medians(), policy.medians(), equal_nan=True)
+        assert torch.isclose(clone.prompt_limit(), policy.prompt_limit(), rtol=2e-3)
+    with pytest.raises(ValueError, match="remembers 2000 pairs; this run's data has 10"):
+        TimestepCalibrated(1000, 10).load_state_dict(policy.state_dict())
 
 
 def test_a_prompt_needs_drop_observations_judgements_before_it_is_dropped():
@@ -117,5 +116,68 @@ def test_a_prompt_needs_drop_observations_judgements_before_it_is_dropped():
     loud = torch.tensor([1000])
     for count in range(1, 5):
         policy.observe(torch.tensor([3.0]), torch.tensor([800]), torch.tensor([True]), loud)
-        kept = bool(policy.keep(torch.ones(1), torch.tensor([800]), step=0, prompt_ids=loud))
+        kept = bool(policy.keep(torch.ones(1), torch.tensor([800]), step=0, pairs=loud))
         assert kept == (count < 4)
+
+
+def sequential_reference(magnitudes, timesteps, pairs, decay, window, buckets=2):
+    """The memory and bucket windows updated one sample at a time, in plain Python."""
+    memory, values, cursor = {}, [[None] * window for _ in range(buckets)], [0] * buckets
+    for m, t, p in zip(magnitudes.tolist(), timesteps.tolist(), pairs.tolist()):
+        count, average = memory.get(p, (0, 0.0))
+        weight = max(decay, 1 / (count + 1))
+        memory[p] = (count + 1, (1 - weight) * average + weight * m)
+        b = t * buckets // 1000
+        values[b][cursor[b] % window] = m
+        cursor[b] += 1
+    return memory, values
+
+
+def test_a_batch_with_repeated_pairs_updates_as_one_sample_at_a_time():
+    policy = calibrated(window=16, min_samples=1, min_timestep=0)
+    policy.values.fill_(1.0)  # every bucket median 1: relative magnitude = magnitude
+    gen = torch.Generator().manual_seed(3)
+    pairs = torch.randint(0, 5, (40,), generator=gen)  # each pair about 8 times in one batch
+    mags = 0.5 + torch.rand(40, generator=gen)
+    t = torch.randint(0, 1000, (40,), generator=gen)  # about 20 per bucket, beyond the window of 16
+    policy.observe(mags, t, torch.ones(40, dtype=torch.bool), pairs)
+    memory, values = sequential_reference(mags, t, pairs, 0.5, 16)
+    for p, (count, average) in memory.items():
+        assert policy.count[p] == count and abs(float(policy.average[p]) - average) < 1e-6
+    assert torch.equal(policy.values, torch.tensor([[1.0 if v is None else v for v in row] for row in values]))
+    assert policy.cursor.tolist() == [int((t < 500).sum()), int((t >= 500).sum())]
+
+
+def test_histogram_limit_is_close_to_the_exact_one():
+    gen = torch.Generator().manual_seed(0)
+    exact, histogram = calibrated(quantile="exact"), calibrated(quantile="histogram")
+    state = exact.state_dict()
+    state["count"] = torch.randint(0, 6, (2000,), generator=gen, dtype=torch.int32)
+    state["average"] = torch.exp(0.2 * torch.randn(2000, generator=gen))
+    for policy in (exact, histogram):
+        policy.load_state_dict(state)
+    assert torch.isclose(histogram.prompt_limit(), exact.prompt_limit(), rtol=1e-3)
+    for z in (-1.0, 0.25, 2.0):  # the MAD side too, not only the median
+        exact.z = histogram.z = z
+        exact._limit = histogram._limit = None
+        assert torch.isclose(histogram.prompt_limit(), exact.prompt_limit(), rtol=1e-3)
+    # Moved by observe, the histogram tracks the same population as a rebuilt one.
+    histogram.values.fill_(1.0)
+    histogram.observe(1 + torch.rand(64, generator=gen), torch.full((64,), 800), torch.ones(64, dtype=torch.bool),
+                      torch.randint(0, 2000, (64,), generator=gen))
+    rebuilt = calibrated(quantile="histogram")
+    rebuilt.load_state_dict(histogram.state_dict())
+    assert torch.equal(rebuilt.population.counts, histogram.population.counts)
+
+
+def test_judge_fraction_measures_the_least_judged_pairs_in_the_judged_range():
+    policy = calibrated(judge_fraction=0.25)
+    policy.count[:8] = torch.tensor([5, 0, 3, 0, 1, 9, 0, 0], dtype=torch.int32)
+    pairs = torch.arange(8)
+    t = torch.tensor([900, 900, 900, 900, 900, 900, 100, 100])  # pairs 6 and 7: below min_timestep=500
+    noise = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.4, 0.5, 0.0, 0.0])
+    chosen = policy.judge(pairs, t, noise)
+    assert chosen.tolist() == [False, True, False, True, False, False, False, False]  # counts 0, 0 in range
+    assert calibrated().judge(pairs, t, noise).all()  # judge_fraction 1: every sample
+    with pytest.raises(ValueError, match="judge_fraction=0"):
+        calibrated(judge_fraction=0)

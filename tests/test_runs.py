@@ -141,3 +141,52 @@ def test_bad_model_path_fails_with_one_clear_line(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert f"model path {tmp_path} has no unet/ subfolder" in proc.stderr
+
+
+def test_image_only_duplicates_pool_their_judgements_by_pair(tmp_path):
+    """Each image_only repeat carries another caption; the calibrated filter's memory is keyed by
+    the pair, so a duplicated pair gathers judgements over all its captions and is dropped, while
+    no single caption is drawn often enough (at most 6 times here) to reach drop_observations=10."""
+    from data.dataset import build_data
+    from tests.conftest import compose_train
+
+    common = [*MICRO, "data.duplication.mode=image_only", "train.steps=40", "eval.enabled=false",
+              "logging.wandb.enabled=false", "logging.decisions=true"]
+    filt = ["filter=calibrated", "filter.buckets=2", "filter.min_samples=4", "filter.min_timestep=0",
+            "filter.min_observations=1", "filter.min_prompts=2", "filter.drop_observations=10", "filter.z=-100"]
+    run_cli(python_cli("train", *common, *filt, f"run_dir={tmp_path}"), cwd=tmp_path)
+    duplicated = set(json.loads((tmp_path / "manifest.json").read_text())["counts"])
+    dropped_keys = {k for r in decision_log(tmp_path) for k, kept in zip(r["key"], r["keep"]) if not kept}
+    assert dropped_keys == duplicated  # every duplicated pair, and nothing else
+    data = build_data(compose_train([*common, "run_dir=unused"]).data)
+    for pair in {e.pair for e in data.dataset.entries if data.pairs.keys[e.pair] in duplicated}:
+        captions = {data.dataset.sample(e, (0,))["caption"] for e in data.dataset.entries if e.pair == pair}
+        assert len(captions) == 5  # five copies, five different captions, one pair in the filter's memory
+
+
+def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
+    """2 gloo ranks, calibrated filter judging half of each rank's batch: replaying the gathered
+    log through one policy reproduces both ranks' decisions, so both ranks held that one state."""
+    from omegaconf import OmegaConf
+
+    from filters.policy import build_policy
+
+    launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yaml'}",
+              "launch.num_processes=2"]
+    run_cli(python_cli("train", *launch, *MICRO, "train.steps=12", "train.batch_size=2", "eval.enabled=false",
+                       "logging.wandb.enabled=false", "logging.decisions=true", "filter=calibrated",
+                       "filter.judge_fraction=0.5", "filter.buckets=2", "filter.min_samples=2",
+                       "filter.min_timestep=0", "filter.min_observations=1", "filter.min_prompts=2",
+                       "filter.drop_observations=1", "filter.z=0", f"run_dir={tmp_path}"),
+            cwd=tmp_path, timeout=400, env={"ACCELERATE_USE_CPU": "1"})
+    cfg = OmegaConf.load(tmp_path / "config.yaml")
+    policy = build_policy(cfg.filter, 1000, cfg.data.world.num_pairs)
+    records = decision_log(tmp_path)
+    assert len(records) == 12
+    for r in records:
+        magnitude, t, pairs = torch.tensor(r["magnitude"]), torch.tensor(r["t"]), torch.tensor(r["pair"])
+        assert (~magnitude.isnan()).view(2, 2).sum(dim=1).tolist() == [1, 1]  # one judged sample per rank
+        assert policy.keep(magnitude, t, r["step"] - 1, pairs).tolist() == r["keep"]
+        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs)
+    kept = [k for r in records for k in r["keep"]]
+    assert any(kept) and not all(kept)

@@ -59,3 +59,16 @@ def schedule_steps_per_step(accelerator: Accelerator) -> int:
     warm-up and decay last ``train.*`` optimizer steps on any number of processes.
     """
     return 1 if accelerator.distributed_type == DistributedType.DEEPSPEED else accelerator.num_processes
+
+
+def gather_columns(accelerator: Accelerator, *columns: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """All ranks' values of several per-sample tensors (rank order), in one collective.
+
+    The filter needs six per-sample fields from every rank each step; gathered one by one that
+    is six collectives, whose latency dominates at these sizes (``bench/filter_state.py``). Packed
+    as float64 columns (exact for float32/16 values, booleans and integers below 2^53: pair
+    indices, timesteps) they travel in one, and come back in their own dtypes.
+    """
+    packed = torch.stack([c.to(torch.float64) for c in columns], dim=1)
+    gathered = accelerator.gather(packed)
+    return tuple(gathered[:, i].to(c.dtype) for i, c in enumerate(columns))

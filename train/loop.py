@@ -32,14 +32,14 @@ from data.captions import perturb_text_embeddings
 from data.dataset import TrainingData, build_data
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
-from filters.policy import build_policy, filtered_mean, prompt_ids
+from filters.policy import build_policy, filtered_mean
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
 from train.components import Components, build_components, set_attention
-from train.distributed import configure_backend, schedule_steps_per_step, shared_run_dir
+from train.distributed import configure_backend, gather_columns, schedule_steps_per_step, shared_run_dir
 from train.export import trained_unet
 from train.loss import per_sample_loss, set_prediction_type, training_target
 from train.optim import build_optimizer
-from train.randomness import draw, micro_step_generator, posterior_generators
+from train.randomness import draw, judge_noise, micro_step_generator, posterior_generators
 from train.tracking import JsonlLog, wandb_init_kwargs
 from train.validation import run_validation, validation_prompts
 
@@ -112,7 +112,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
-    policy = build_policy(cfg.filter, sched.config.num_train_timesteps)
+    policy = build_policy(cfg.filter, sched.config.num_train_timesteps, len(data.pairs)).to(accelerator.device)
     counts = FilterCounts()
     accelerator.register_for_checkpointing(policy, counts)
 
@@ -169,20 +169,23 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             noisy = sched.add_noise(latents, noise, timesteps).to(input_dtype)
             target = training_target(sched, latents, noise, timesteps)
 
+            pairs = batch["pair"].to(latents.device)
+            judge = policy.judge(pairs, timesteps, judge_noise(cfg.seed, micro_step, rank, n, world))
             with accelerator.accumulate(unet):
                 pred = unet(noisy, timesteps, cond).sample
-                if with_magnitude:  # the branch the training forward did not take: the pair is judged either way
+                magnitude = torch.full((n,), math.nan, device=latents.device)
+                if with_magnitude:  # the branch the training forward did not take, for the judged samples only
+                    judged = judge.nonzero().squeeze(1)
                     with torch.no_grad():
-                        other = unet(noisy, timesteps, torch.where(captioned, uncond, real)).sample
-                    magnitude = text_conditional_magnitude(pred.detach(), other, sched, timesteps)
-                else:
-                    magnitude = torch.full((n,), math.nan, device=latents.device)
-                ids = prompt_ids(batch["caption"]).to(latents.device)
-                keep = policy.keep(magnitude, timesteps, step, ids)
+                        other = unet(noisy[judged], timesteps[judged],
+                                     torch.where(captioned, uncond, real)[judged]).sample
+                    magnitude[judged] = text_conditional_magnitude(pred.detach()[judged], other, sched,
+                                                                   timesteps[judged])
+                keep = policy.keep(magnitude, timesteps, step, pairs)
                 dup = batch["duplicated"].to(latents.device)
-                g_mag, g_t, g_keep, g_dup, g_ids = accelerator.gather((magnitude, timesteps, keep, dup, ids))
-                g_valid = ~g_mag.isnan()
-                policy.observe(g_mag, g_t, g_valid, g_ids)
+                g_mag, g_t, g_valid, g_keep, g_dup, g_pairs = gather_columns(
+                    accelerator, magnitude, timesteps, ~magnitude.isnan(), keep, dup, pairs)
+                policy.observe(g_mag, g_t, g_valid, g_pairs)
                 counts.add(g_dup.cpu(), g_keep.cpu())
                 step_kept += int(g_keep.sum())
                 # Min-SNR weights are per sample, so the filter drops each with its own loss.
@@ -202,8 +205,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             if decisions is not None:
                 keys = gather_object(list(batch["key"]))
                 if accelerator.is_main_process:
-                    decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys, "t": g_t.tolist(),
-                                     "magnitude": g_mag.float().tolist(), "keep": g_keep.tolist()})
+                    decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys, "pair": g_pairs.tolist(),
+                                     "t": g_t.tolist(), "magnitude": g_mag.float().tolist(),
+                                     "valid": g_valid.tolist(), "keep": g_keep.tolist()})
         if not step_kept:
             counts.skipped_steps += 1
         elif ema is not None:

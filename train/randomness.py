@@ -50,3 +50,10 @@ def posterior_generators(seed: int, micro_step: int, rank: int, n: int) -> list[
     """One generator per sample for the VAE's posterior sample, addressed like :func:`draw`."""
     first = micro_step_generator(seed, micro_step).initial_seed() * 7_919
     return [torch.Generator().manual_seed((first + rank * n + i + 1) % 2**63) for i in range(n)]
+
+
+def judge_noise(seed: int, micro_step: int, rank: int, n: int, world: int) -> torch.Tensor:
+    """One uniform draw per sample, addressed like :func:`draw`: the seeded tie-break of
+    ``filter.judge_fraction``'s choice of which samples to judge."""
+    gen = micro_step_generator(seed + 2, micro_step)  # seed + 1 draws the text-embedding noise
+    return torch.rand(n * world, generator=gen)[rank * n:(rank + 1) * n]
