@@ -30,6 +30,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 PRESETS = {
@@ -97,6 +98,59 @@ def measure(overrides: list[str]) -> dict:
     }
 
 
+def forward_cost(overrides: list[str], repeats: int) -> dict:
+    """CPU time of the filter's extra no-grad forward over all / a quarter of a batch, against a
+    training step (forward, backward, AdamW) of the preset's UNet, interleaved in one process.
+
+    CPU time of the process, not wall time: on a machine shared with other jobs the waiting is
+    left out, so the ratios hold where whole-run step times swing with the load.
+    """
+    import math
+
+    import torch
+    from hydra import compose, initialize_config_module
+
+    from data.world import VOCABULARY
+    from train.components import build_components
+
+    with initialize_config_module("configs", version_base="1.3"):
+        cfg = compose("train", overrides=[*overrides, "run_dir=unused"])
+    comps = build_components(cfg.model, list(VOCABULARY))
+    unet, batch, size = comps.unet, cfg.train.batch_size, cfg.data.resolution
+    channels = unet.config.in_channels
+    noisy = torch.randn(batch, channels, size, size) if comps.vae is None else \
+        torch.randn(batch, channels, size // 8, size // 8)
+    t = torch.randint(0, 1000, (batch,))
+    cond = comps.encode_text(["a big red circle"] * batch)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    quarter = math.ceil(batch / 4)
+
+    def train_step():
+        loss = unet(noisy, t, cond).sample.pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def forward(k):
+        with torch.no_grad():
+            unet(noisy[:k], t[:k], cond[:k])
+
+    work = {"train_step": train_step, "forward_all": lambda: forward(batch),
+            "forward_quarter": lambda: forward(quarter)}
+    cpu = dict.fromkeys(work, 0.0)
+    for repeat in range(repeats + 1):
+        for name, fn in work.items():
+            start = time.process_time()
+            fn()
+            if repeat:  # the first round warms up
+                cpu[name] += time.process_time() - start
+    step = cpu["train_step"]
+    return {"batch": batch, "quarter": quarter, "repeats": repeats,
+            "cpu_s": {k: round(v / repeats, 4) for k, v in cpu.items()},
+            "judge_all_over_plain": round((step + cpu["forward_all"]) / step, 3),
+            "judge_quarter_over_plain": round((step + cpu["forward_quarter"]) / step, 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="embedded")
@@ -104,11 +158,17 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
                         help="configurations to run (plain is always run: the ratios' base)")
     parser.add_argument("--pipeline", help="pipeline folder for the *_pipeline* presets (default: write one)")
+    parser.add_argument("--forward-cost", type=int, metavar="REPEATS",
+                        help="instead: CPU time of the extra forward (all / a quarter of the batch) against a "
+                             "training step, interleaved REPEATS times in this process")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every configuration")
     args = parser.parse_args()
     common = [*PRESETS[args.preset], f"train.steps={args.steps}", "eval.enabled=false", "train.checkpoint_every=0",
               "logging.wandb.enabled=false", "logging.progress=false", f"logging.every={args.steps}", *args.overrides]
+    if args.forward_cost:
+        print(json.dumps({"preset": args.preset, **forward_cost(common, args.forward_cost)}), flush=True)
+        return
     if args.child:
         print("RESULT " + json.dumps(measure([*common, *CONFIGS[args.child]])), flush=True)
         return

@@ -61,6 +61,7 @@ def test_stream_reproducible_and_resumes_exactly(shards):
     again = take(data.batches(3, seed=2, rank=1, world_size=2, num_workers=2), 7)
     for a, b in zip(full, again):
         assert a["key"] == b["key"] and torch.equal(a["pixel_values"], b["pixel_values"])
+        assert [data.pairs.keys[p] for p in a["pair"]] == a["key"]  # base-pair indices for the filter's memory
     for start in (3, 4):  # the next batch due from either worker
         resumed = take(data.batches(3, seed=2, rank=1, world_size=2, start_micro_step=start, num_workers=2), 3)
         for a, b in zip(full[start:], resumed):
