@@ -21,7 +21,6 @@ from omegaconf import DictConfig
 from evaluation.metrics import alignment, caption_region, copy_similarity
 from evaluation.search import RunningMax, cached_features, chunks, nearest
 
-COPY_RATIO_FLOOR = 0.01
 EMBEDDED_COPY = "centred pixel cosine outside the captioned object"
 EMBEDDED_ALIGNMENT = "fraction of caption attributes recognized"
 
@@ -149,8 +148,9 @@ def copy_summary(scored: Scored, description: str, cc: DictConfig, is_dup: torch
                  num_train: int) -> dict:
     """``copy`` block of ``summary.json``."""
     out = {"metric": cc.metric, "description": description, **split_means(scored.own, is_dup)}
-    # Other prompts' copy similarity sits near 0 (either sign); the floor keeps the ratio finite and honest.
-    out["ratio"] = out["duplicated"] / max(out["other"], COPY_RATIO_FLOOR)
+    # How much more duplicated prompts copy their training image than other prompts do, on the
+    # metric's own scale (0: no more than chance). A ratio of two cosines near 0 has no meaning.
+    out["gap"] = out["duplicated"] - out["other"]
     if scored.nearest is not None:
         out["nearest"] = {"threshold": cc.threshold, "training_images": num_train, **{
             name: nearest_stats(scored.nearest[sel], scored.nearest_index[sel], own_index[sel], cc.threshold)
