@@ -74,7 +74,8 @@ def check_resume(cfg: DictConfig, checkpoint: Path, step: int) -> dict[str, tupl
     if "train.steps" in changed and cfg.train.steps <= step:
         refused["train.steps"] = changed["train.steps"]
     if refused:
-        shown = [f"{k} ({a} -> {b})" for k, (a, b) in list(refused.items())[:SHOWN]]
+        order = sorted(refused, key=lambda k: (k.count("."), not k.endswith((".kind", ".source")), k))
+        shown = [f"{k} ({refused[k][0]} -> {refused[k][1]})" for k in order[:SHOWN]]
         more = f" and {len(refused) - SHOWN} more" if len(refused) > SHOWN else ""
         steps_note = (f"; train.steps can grow only with lr_scheduler {' or '.join(STEP_FREE_SCHEDULES)} and past "
                       f"step {step}") if "train.steps" in refused else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -25,9 +26,7 @@ def wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb" / "run_id"
     if path.is_file():
         return path.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # W&B's own id format: 8 lowercase alphanumerics
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(run_id)
     return run_id
