@@ -178,6 +178,24 @@ def test_missing_sscd_weights_stop_training_before_it_starts(tmp_path):
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "checkpoints").exists()
 
 
+def test_metric_checks_fail_on_named_weights_and_announce_missing_ones(tmp_path):
+    from evaluation.preflight import check_metrics
+
+    (tmp_path / "clip").mkdir()
+    for model, expected in ((tmp_path / "nope", "does not exist"),
+                            (tmp_path / "clip", "is not a CLIP checkpoint in transformers' format")):
+        cfg = compose_train(["run_dir=unused", "eval.alignment.metric=clip", f"eval.alignment.clip.model={model}"])
+        with pytest.raises(FileNotFoundError, match=expected):
+            check_metrics(cfg, strict=False)
+    said = []
+    cfg = compose_train(["run_dir=unused", "eval.copy.metric=sscd"])
+    check_metrics(cfg, strict=False, say=said.append)  # not given: the run goes on and reports it unavailable
+    assert said == ["copy will not be measured: eval.copy.metric=sscd needs eval.copy.sscd.weights (a TorchScript "
+                    "file such as sscd_disc_large.torchscript.pt); none given"]
+    with pytest.raises(FileNotFoundError, match="needs eval.copy.sscd.weights"):
+        check_metrics(cfg, strict=True)  # memsieve-eval runs only to measure
+
+
 # ------------------------------------------------------------------ 6. embedded-world shards
 
 

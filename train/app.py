@@ -69,7 +69,8 @@ def with_run_dir_as_output(argv: list[str]) -> list[str]:
     """``run_dir=X`` also makes X Hydra's output folder (its ``.hydra/`` record and log go there),
     so a run with its own directory leaves no stray ``runs/<time>/`` behind."""
     given = [a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")]
-    if given and not any(a.startswith("hydra.run.dir=") for a in argv):
+    multirun = any(a in ("-m", "--multirun") for a in argv)  # sweeps use hydra.sweep.dir
+    if given and not multirun and not any(a.startswith("hydra.run.dir=") for a in argv):
         return [*argv, f"hydra.run.dir={given[-1]}"]
     return argv
 
