@@ -37,18 +37,19 @@ def fails(args: list[str], cwd, timeout: int = 180) -> list[str]:
 
 def test_resume_refuses_other_settings_allows_safe_ones_and_records_them(tmp_path):
     run_dir = tmp_path / "run"
-    first = [*MICRO, "eval.enabled=false", "train.steps=4", "train.checkpoint_every=2", "filter=calibrated",
-             f"run_dir={run_dir}"]
+    common = [*MICRO, "eval.enabled=false", "train.checkpoint_every=2", f"run_dir={run_dir}"]
+    first = [*common, "train.steps=4", "filter=calibrated"]
     run_cli(python_cli("train", *first), cwd=tmp_path)
     shutil.rmtree(run_dir / "model")  # as if killed after the step-2 checkpoint
-    lines = fails(python_cli("train", *first, "filter=threshold", "filter.threshold=0.5", "seed=3",
+    lines = fails(python_cli("train", *common, "filter=threshold", "filter.threshold=0.5", "seed=3",
                              "train.steps=6"), cwd=tmp_path)
     assert len(lines) == 1 and lines[0].startswith("memsieve-train: error: cannot resume")
     assert "filter.kind (calibrated -> threshold)" in lines[0] and "seed (0 -> 3)" in lines[0]
     assert "train.steps" not in lines[0]  # more steps are allowed (constant learning rate)
     assert not (run_dir / "resumes.jsonl").exists() and not (run_dir / "model").exists()
 
-    proc = run_cli(python_cli("train", *first, "train.steps=6", "logging.every=3"), cwd=tmp_path)
+    proc = run_cli(python_cli("train", *common, "filter=calibrated", "train.steps=6", "logging.every=3"),
+                   cwd=tmp_path)
     assert "resumed from" in proc.stdout
     resumes = [json.loads(x) for x in (run_dir / "resumes.jsonl").read_text().splitlines()]
     assert len(resumes) == 1 and resumes[0]["step"] == 2

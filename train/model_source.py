@@ -15,20 +15,20 @@ import re
 from pathlib import Path
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.index.json")  # variants (fp16) and shards included
-# Every part of an SD folder and the files that make it loadable (any one of each tuple).
+# Every part of an SD folder and the files that make it loadable: (name shown, patterns, any one of which will do).
 SD_PARTS = {
-    "unet": (("config.json",), WEIGHTS),
-    "text_encoder": (("config.json",), WEIGHTS),
-    "tokenizer": (("tokenizer.json", "vocab.json", "tokenizer_config.json"),),
-    "scheduler": (("scheduler_config.json",),),
+    "unet": (("config.json", ("config.json",)), ("diffusion_pytorch_model.safetensors", WEIGHTS)),
+    "text_encoder": (("config.json", ("config.json",)), ("model.safetensors", WEIGHTS)),
+    "tokenizer": (("tokenizer.json", ("tokenizer.json", "vocab.json", "tokenizer_config.json")),),
+    "scheduler": (("scheduler_config.json", ("scheduler_config.json",)),),
 }
-OPTIONAL_PARTS = {"vae": (("config.json",), WEIGHTS)}
+OPTIONAL_PARTS = {"vae": (("config.json", ("config.json",)), ("diffusion_pytorch_model.safetensors", WEIGHTS))}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def missing_files(folder: Path, needs: tuple[tuple[str, ...], ...]) -> list[str]:
-    """For each group of alternatives in ``needs`` that ``folder`` has none of, the group's first name."""
-    return [group[0] for group in needs if not any(any(folder.glob(pattern)) for pattern in group)]
+def missing_files(folder: Path, needs: tuple[tuple[str, tuple[str, ...]], ...]) -> list[str]:
+    """The name of each need that ``folder`` has no file for."""
+    return [name for name, patterns in needs if not any(any(folder.glob(pattern)) for pattern in patterns)]
 
 
 def folder_problems(root: Path) -> list[str]:
