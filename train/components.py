@@ -6,6 +6,7 @@ know which they got. ``vae`` is ``None`` for pixel-space models: latents are the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -161,15 +162,18 @@ def load_pretrained(path: str, revision: str | None = None, variant: str | None 
     local = root.is_dir()
     source = str(root) if local else path
     try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw) \
-            if not local or (root / "vae").is_dir() else None
-        return Components(
-            unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw),
-            tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
-            noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
-            vae=vae,
-        )
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it has deprecated: a warning on every hub load.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw) \
+                if not local or (root / "vae").is_dir() else None
+            return Components(
+                unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw),
+                text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw),
+                tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+                noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+                vae=vae,
+            )
     except OSError as err:  # diffusers/transformers report a missing hub model or cache entry as OSError
         if local:
             raise
