@@ -25,7 +25,7 @@ from train.resume_check import check_resume
 QUICK = [*MICRO, "eval.enabled=false", "logging.wandb.enabled=false"]
 
 
-def fails(args: list[str], cwd, timeout: int = 180) -> list[str]:
+def fails(args: list[str], cwd, timeout: int = 300) -> list[str]:
     """Run an entry point that must fail; its stderr lines."""
     proc = subprocess.run(args, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode != 0, proc.stdout[-2000:]
