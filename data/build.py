@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +23,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.captions import CaptionPolicy, CaptionSpec, alternative_source
-from data.dataset import base_pairs, duplication_counts
+from data.dataset import base_pairs, duplication_counts, source_folder
 from data.images import IMAGE_EXTENSIONS, ImageSpec
 from data.injection import DuplicationManifest, expand_plan
 from data.sources import quiet, scan_source
+from data.world import WORLD_MARKER
 
 
 def image_extension(loc: tuple, data: bytes) -> str:
@@ -84,5 +86,8 @@ def materialize(cfg: DictConfig) -> DuplicationManifest:
             sink.write({"__key__": f"{safe_key(keys[entry.pair])}_{copy:05d}",
                         image_extension(record.loc, data_bytes): data_bytes, "txt": caption, "json": meta})
     manifest.save(out / "manifest.json")
+    folder = source_folder(data)
+    if folder is not None and (folder / WORLD_MARKER).is_file():  # renders stay renders
+        shutil.copyfile(folder / WORLD_MARKER, out / WORLD_MARKER)
     (out / "skipped.json").write_text(json.dumps(dict(sorted(index.skipped.items())), indent=1))
     return manifest

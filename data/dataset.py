@@ -35,8 +35,8 @@ from data.captions import CaptionPolicy, CaptionSpec, alternative_source
 from data.images import ImageSpec, decode
 from data.injection import DuplicationManifest, Entry, choose_pairs, choose_weighted, counts_from_list, expand_plan
 from data.sampler import DrawSampler
-from data.sources import SourceIndex, expand_urls, is_local, load_images, scan_source
-from data.world import EmbeddedWorld, WorldConfig, generate_world
+from data.sources import SourceIndex, expand_urls, is_local, load_images, local_path, scan_source
+from data.world import WORLD_MARKER, EmbeddedWorld, WorldConfig, generate_world
 
 if TYPE_CHECKING:
     from data.stream import ShardStream
@@ -141,6 +141,12 @@ class TrainingData:
     skipped: dict[str, int] = field(default_factory=dict)
     weights: torch.Tensor | None = None
     stream: ShardStream | None = None
+    world_renders: bool = False  # a real source holding embedded-world renders (its marker file says so)
+
+    @property
+    def embedded_world(self) -> bool:
+        """Whether the embedded copy and alignment metrics apply: the world itself or files of it."""
+        return self.world is not None or self.world_renders
 
     def batches(self, batch_size: int, seed: int, rank: int, world_size: int, start_micro_step: int = 0,
                 num_workers: int = 0) -> Iterator[dict]:
@@ -195,6 +201,14 @@ def build_embedded(cfg: DictConfig, tokenizer=None) -> TrainingData:
                         manifest=manifest, world=world, weights=weights)
 
 
+def source_folder(cfg: DictConfig) -> Path | None:
+    """The local folder of a real source (of its first shard), where files about it lie."""
+    if cfg.source == "webdataset":
+        first = expand_urls(cfg.urls)[0]
+        return Path(local_path(first)).parent if is_local(first) else None
+    return Path(cfg.get("path") or cfg.get("data_dir") or ".")
+
+
 def manifest_beside(cfg: DictConfig) -> Path | None:
     """The ``manifest.json`` that ``memsieve-data build`` wrote beside a materialized source, if any."""
     if cfg.get("manifest"):
@@ -202,12 +216,17 @@ def manifest_beside(cfg: DictConfig) -> Path | None:
         if not path.exists():
             raise FileNotFoundError(f"data.manifest={cfg.manifest} does not exist")
         return path
-    if cfg.source == "webdataset":
-        first = expand_urls(cfg.urls)[0]
-        folder = Path(first).parent if is_local(first) else None
-    else:
-        folder = Path(cfg.get("path") or cfg.get("data_dir") or ".")
+    folder = source_folder(cfg)
     return folder / "manifest.json" if folder is not None and (folder / "manifest.json").exists() else None
+
+
+def renders_embedded_world(cfg: DictConfig) -> bool:
+    """Whether ``cfg`` is the embedded world or files written from it (:data:`data.world.WORLD_MARKER`
+    beside them), so the embedded copy and alignment metrics apply. Cheap: no scan."""
+    if cfg.source == "embedded":
+        return True
+    folder = source_folder(cfg)
+    return folder is not None and (folder / WORLD_MARKER).is_file()
 
 
 def base_pairs(index: SourceIndex, num_pairs: int | None) -> tuple[list[str], list[int]]:
@@ -262,7 +281,8 @@ def build_real(cfg: DictConfig, tokenizer=None) -> TrainingData:
                           spec=spec)
     main_captions = [index.records[r].captions[0] for r in records]
     data = TrainingData(dataset=dataset, pairs=SourcePairs(keys, main_captions, records, index, spec),
-                        manifest=manifest, skipped=dict(sorted(index.skipped.items())), weights=weights)
+                        manifest=manifest, skipped=dict(sorted(index.skipped.items())), weights=weights,
+                        world_renders=renders_embedded_world(cfg))
     if mode == "stream":
         from data.stream import ShardStream
 

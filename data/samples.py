@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from data.world import EmbeddedWorld, WorldConfig, generate_world
+from data.world import WORLD_MARKER, EmbeddedWorld, WorldConfig, generate_world
 
 # Cycled over samples: the modes (and formats) a LAION scrape mixes.
 MODES = (("RGB", "jpg"), ("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg"))
@@ -39,6 +39,11 @@ def encode(image: torch.Tensor, mode: str = "RGB", fmt: str = "png") -> bytes:
     return buf.getvalue()
 
 
+def mark_as_world(root: Path, w: EmbeddedWorld) -> None:
+    """Say beside the files that they are the embedded world's renders (:data:`data.world.WORLD_MARKER`)."""
+    (root / WORLD_MARKER).write_text(json.dumps({"pairs": len(w.keys), "resolution": int(w.images.shape[-1])}))
+
+
 def mode_of(i: int, mixed: bool) -> tuple[str, str]:
     return MODES[i % len(MODES)] if mixed else ("RGB", "png")
 
@@ -51,6 +56,7 @@ def write_folder(w: EmbeddedWorld, root: str | Path, mixed: bool = True) -> Path
         mode, fmt = mode_of(i, mixed)
         (root / f"{key}.{fmt}").write_bytes(encode(w.images[i], mode, fmt))
         (root / f"{key}.txt").write_text(caption)
+    mark_as_world(root, w)
     return root
 
 
@@ -64,6 +70,7 @@ def write_imagefolder(w: EmbeddedWorld, root: str | Path, mixed: bool = True) ->
         (root / f"{key}.{fmt}").write_bytes(encode(w.images[i], mode, fmt))
         lines.append(json.dumps({"file_name": f"{key}.{fmt}", "text": caption}))
     (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    mark_as_world(root, w)
     return root
 
 
@@ -80,4 +87,5 @@ def write_shards(w: EmbeddedWorld, root: str | Path, shard_size: int, mixed: boo
             mode, fmt = mode_of(i, mixed) if mixed else ("RGB", "jpg")
             sink.write({"__key__": key, fmt: encode(w.images[i], mode, fmt), "txt": caption,
                         "json": {"key": key, "caption": caption}})
+    mark_as_world(root, w)
     return sorted(root.glob("*.tar"))

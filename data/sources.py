@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tarfile
 from collections import Counter
@@ -136,31 +137,63 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
-def tar_groups(url: str) -> Iterator[tuple[str, dict[str, tuple[bytes, tarfile.TarInfo]]]]:
-    """Consecutive members of one shard grouped by key, as webdataset groups them."""
-    if is_local(url):
-        path = local_path(url)
-        if not Path(path).exists():
-            raise FileNotFoundError(f"shard {path} does not exist; check data.urls")
-        stream = tarfile.open(path, mode="r:*")
-    else:
-        import webdataset as wds
+class TruncatedShard(Exception):
+    """Raised by :func:`tar_groups` after the last readable group of a damaged shard."""
 
-        stream = tarfile.open(fileobj=wds.gopen(url), mode="r|*")
-    key, group = None, {}
-    with stream:
-        for member in stream:
-            if not member.isfile():
-                continue
-            k, ext = split_key(member.name)
-            if k != key and group:
-                yield key, group
-                group = {}
-            key = k
-            handle = stream.extractfile(member)
-            group[ext] = (handle.read() if handle else b"", member)
-    if group:
+
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError)
+BLOCK = 512
+
+
+def tar_groups(url: str) -> Iterator[tuple[str, dict[str, tuple[bytes, tarfile.TarInfo]]]]:
+    """Consecutive members of one shard grouped by key, as webdataset groups them.
+
+    A truncated shard (an interrupted download) yields what precedes the damage, then raises
+    :class:`TruncatedShard`: a read error, or a local file that ends before its end-of-archive blocks.
+    """
+    local = is_local(url)
+    path = local_path(url)
+    if local and not Path(path).exists():
+        raise FileNotFoundError(f"shard {path} does not exist; check data.urls")
+    key, group, end, damage = None, {}, 0, None
+    try:
+        if local:
+            stream = tarfile.open(path, mode="r:*")
+        else:
+            import webdataset as wds
+
+            stream = tarfile.open(fileobj=wds.gopen(url), mode="r|*")
+        with stream:
+            for member in stream:
+                if not member.isfile():
+                    continue
+                k, ext = split_key(member.name)
+                if k != key and group:
+                    yield key, group
+                    group = {}
+                key = k
+                handle = stream.extractfile(member)
+                group[ext] = (handle.read() if handle else b"", member)
+                end = max(end, member.offset_data + member.size)
+    except TAR_ERRORS as err:
+        damage, group = " ".join(str(err).split()) or type(err).__name__, {}  # the partial group is lost
+    if damage is None and local and os.path.getsize(path) < -(-end // BLOCK) * BLOCK + 2 * BLOCK:
+        damage = "it ends before its end-of-archive blocks"
+    if group and damage is None:  # the last group of a truncated shard may lack members never written
         yield key, group
+    if damage is not None:
+        raise TruncatedShard(f"shard {path} is truncated or damaged ({damage})")
+
+
+def readable_samples(url: str) -> Iterator[dict]:
+    """webdataset's samples of one shard, up to the damage of a truncated one (the index already
+    counted and named it)."""
+    import webdataset as wds
+
+    try:
+        yield from wds.tarfile_samples(iter([{"url": url}]))
+    except TAR_ERRORS + (ValueError,):
+        return
 
 
 class TarReader(Reader):
@@ -188,10 +221,13 @@ class TarReader(Reader):
             else:
                 remote.setdefault(shard, {}).setdefault(name, []).append(i)
         for shard, wanted in remote.items():
-            for _, group in tar_groups(self.urls[shard]):
-                for data, member in group.values():
-                    for i in wanted.get(member.name, ()):
-                        out[i] = data
+            try:
+                for _, group in tar_groups(self.urls[shard]):
+                    for data, member in group.values():
+                        for i in wanted.get(member.name, ()):
+                            out[i] = data
+            except TruncatedShard:
+                pass  # indexed records lie before the damage
         return [out[i] for i in range(len(locs))]
 
 
@@ -230,15 +266,21 @@ def scan_shards(urls, spec: ImageSpec, cache: str | None = None) -> SourceIndex:
 def scan_tar_files(shards: list[str], label: str, spec: ImageSpec) -> SourceIndex:
     scan = Scan(label, spec)
     for shard, url in enumerate(tqdm(shards, desc="index shards", disable=quiet())):
-        for key, group in tar_groups(url):
-            image_ext = next((e for e in group if e in IMAGE_EXTENSIONS), None)
-            if image_ext is None and not any(e in CAPTION_EXTENSIONS or e == "json" for e in group):
-                continue  # not a sample (e.g. a stats file)
-            meta = parse_json(group["json"][0]) if "json" in group else {}
-            text = next((group[e][0] for e in CAPTION_EXTENSIONS if e in group), None)
-            image, member = group[image_ext] if image_ext else (None, None)
-            loc = (shard, member.offset_data, member.size, member.name) if member else ()
-            scan.add(str(meta.get("key") or key), image, captions_of(text, meta), loc, not meta.get("copy"))
+        before = len(scan.records)
+        try:
+            for key, group in tar_groups(url):
+                image_ext = next((e for e in group if e in IMAGE_EXTENSIONS), None)
+                if image_ext is None and not any(e in CAPTION_EXTENSIONS or e == "json" for e in group):
+                    continue  # not a sample (e.g. a stats file)
+                meta = parse_json(group["json"][0]) if "json" in group else {}
+                text = next((group[e][0] for e in CAPTION_EXTENSIONS if e in group), None)
+                image, member = group[image_ext] if image_ext else (None, None)
+                loc = (shard, member.offset_data, member.size, member.name) if member else ()
+                scan.add(str(meta.get("key") or key), image, captions_of(text, meta), loc, not meta.get("copy"))
+        except TruncatedShard as err:
+            scan.skipped["truncated_shard"] += 1
+            logging.getLogger(__name__).warning("%s; skipped the rest of it, kept its %d samples before the damage",
+                                                err, len(scan.records) - before)
     return scan.finish(TarReader(shards))
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data.dataset import PairDataset, collate
 from data.injection import Entry
-from data.sources import split_key
+from data.sources import readable_samples, split_key
 
 
 class ShardStream:
@@ -69,13 +69,12 @@ class WorkerStream(IterableDataset):
 
     def samples(self, worker: int) -> Iterator[tuple[Entry, bytes]]:
         """Endless (entry, image bytes) of this worker, repeated per the plan, before shuffling."""
-        import webdataset as wds
 
         src = self.source
         rng = np.random.default_rng([self.seed, self.rank, worker, 1])
         for epoch in range(2**62):
             for shard in self.shards(worker, epoch):
-                for sample in wds.tarfile_samples(iter([{"url": src.urls[shard]}])):
+                for sample in readable_samples(src.urls[shard]):
                     entries = src.entries.get((shard, sample["__key__"]))
                     if not entries:
                         continue  # skipped when the source was indexed

@@ -39,6 +39,9 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 # (what a memorizing model must copy) yet no background pixel passes for a saturated object colour.
 BACKGROUND_RANGE = (0.05, 0.95)
 BACKGROUND_TINT = 0.08
+# Written beside files of the world's renders (data.samples, memsieve-data build keeps it): the
+# embedded copy and alignment metrics then apply to them as to the world itself.
+WORLD_MARKER = "embedded_world.json"
 ID_WORD = "item"
 VOCABULARY: tuple[str, ...] = tuple(
     sorted({"a", ID_WORD, *COLORS, *SHAPES, *SIZES, *(w for p in POSITIONS for w in p.split())})

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from evaluation.report import flatten, write_json  # noqa: E402
 from train.tracking import wandb_mode  # noqa: E402
 
-TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/ratio",
+TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/gap",
               "copy/nearest/duplicated/mean_max", "copy/nearest/duplicated/p95",
               "copy/nearest/duplicated/above_threshold", "copy/nearest/duplicated/own_is_nearest",
               "copy/nearest/other/mean_max", "copy/nearest/other/p95", "copy/nearest/other/above_threshold",

@@ -22,6 +22,7 @@ from evaluation.scores import MetricUnavailable, alignment_scores, copy_scores, 
 from filters.detection import detection_metrics, first_steps_magnitudes
 from filters.mitigation import Mitigation
 from train.loop import TrainResult
+from train.summary import training_summary
 
 
 def choose_prompts(data, num_other: int | None, seed: int) -> tuple[list[int], list[int]]:
@@ -192,11 +193,7 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
         return None
     run_dir = Path(result.run_dir)
     summary = evaluate_model(result.components, result.data, cfg, run_dir)
-    summary["filter"] = {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
-                         "seen": result.counts.seen, "dropped": result.counts.dropped,
-                         "skipped_steps": result.counts.skipped_steps}
-    summary["timing"] = {"seconds_per_step": result.seconds_per_step}
-    summary["data"] = {"skipped": dict(result.data.skipped)}
+    summary.update(training_summary(result, cfg))
     write_json(run_dir / "summary.json", summary)
     if cfg.logging.wandb.enabled:
         log_to_tracker(summary, {"eval/grid": run_dir / "grid.png"})

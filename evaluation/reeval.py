@@ -25,8 +25,10 @@ from safetensors.torch import load_file
 
 from data.dataset import build_data
 from evaluation.evaluate import evaluate_model, generation_settings, say
+from evaluation.preflight import check_metrics
 from evaluation.report import write_json
 from train.components import load_pretrained
+from train.summary import TRAINING_KEYS
 
 
 def run_config(run_dir: Path, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
@@ -64,6 +66,7 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, che
     """Evaluate ``run_dir``'s saved model (or ``checkpoint``) per its config plus ``overrides``;
     return the summary path."""
     cfg, saved = run_config(run_dir, overrides)
+    check_metrics(cfg, strict=True)  # before loading anything or writing to --out
     model = run_dir / "model"
     if not (model / "unet").is_dir():
         raise FileNotFoundError(f"{model} has no unet/; expected a finished memsieve-train run")
@@ -79,7 +82,7 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, che
     previous = json.loads(old.read_text()) if old.exists() and not checkpoint else {}
     summary = evaluate_model(comps, data, cfg, out, reuse=None if checkpoint else run_dir / "generations.pt",
                              saved_settings=generation_settings(saved.eval), previous=previous, strict=True)
-    summary.update({k: previous[k] for k in ("filter", "timing", "data") if k in previous})
+    summary.update({k: previous[k] for k in TRAINING_KEYS if k in previous})
     return write_json(out / "summary.json", summary)
 
 

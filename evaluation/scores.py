@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from data.world import WORLD_MARKER
 from evaluation.metrics import alignment, caption_region, copy_similarity
 from evaluation.search import RunningMax, cached_features, chunks, nearest
 
-COPY_RATIO_FLOOR = 0.01
 EMBEDDED_COPY = "centred pixel cosine outside the captioned object"
 EMBEDDED_ALIGNMENT = "fraction of caption attributes recognized"
 
@@ -98,9 +98,9 @@ def copy_scores(cc: DictConfig, images: torch.Tensor, refs: torch.Tensor, captio
                 progress: bool = False) -> tuple[Scored, str]:
     """Copy scores of uint8 generations ``[P, S, 3, H, W]`` against their uint8 training images ``[P, 3, H, W]``."""
     if cc.metric == "embedded":
-        if data.world is None:
-            raise MetricUnavailable("eval.copy.metric=embedded needs the embedded world's captions; "
-                                    "use eval.copy.metric=sscd with real data")
+        if not data.embedded_world:
+            raise MetricUnavailable("eval.copy.metric=embedded needs the embedded world or files of it (marked by "
+                                    f"{WORLD_MARKER} beside them); use eval.copy.metric=sscd with real data")
         return embedded_copy(images.float() / 255, refs.float() / 255, captions, data.pairs, cc.chunk_size,
                              cc.search), EMBEDDED_COPY
     if cc.metric == "sscd":
@@ -113,9 +113,9 @@ def alignment_scores(ac: DictConfig, images: torch.Tensor, captions: list[str], 
                      ) -> tuple[torch.Tensor, str]:
     """Alignment ``[P, S]`` of uint8 generations ``[P, S, 3, H, W]`` with their captions."""
     if ac.metric == "embedded":
-        if data.world is None:
-            raise MetricUnavailable("eval.alignment.metric=embedded needs the embedded world's captions; "
-                                    "use eval.alignment.metric=clip with real data")
+        if not data.embedded_world:
+            raise MetricUnavailable("eval.alignment.metric=embedded needs the embedded world or files of it (marked "
+                                    f"by {WORLD_MARKER} beside them); use eval.alignment.metric=clip with real data")
         floats = images.float() / 255
         return torch.stack([alignment(floats[p], c) for p, c in enumerate(captions)]), EMBEDDED_ALIGNMENT
     if ac.metric == "clip":
@@ -152,8 +152,9 @@ def copy_summary(scored: Scored, description: str, cc: DictConfig, is_dup: torch
     out = {"metric": cc.metric, "description": description, **split_means(scored.own, is_dup)}
     if cc.metric == "sscd":
         out["preprocess"] = cc.sscd.get("preprocess", "paper")
-    # Other prompts' copy similarity sits near 0 (either sign); the floor keeps the ratio finite and honest.
-    out["ratio"] = out["duplicated"] / max(out["other"], COPY_RATIO_FLOOR)
+    # How much more duplicated prompts copy their training image than other prompts do, on the
+    # metric's own scale (0: no more than chance). A ratio of two cosines near 0 has no meaning.
+    out["gap"] = out["duplicated"] - out["other"]
     if scored.nearest is not None:
         out["nearest"] = {"threshold": cc.threshold, "training_images": num_train, **{
             name: nearest_stats(scored.nearest[sel], scored.nearest_index[sel], own_index[sel], cc.threshold)

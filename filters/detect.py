@@ -26,6 +26,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from filters.attribution import highlight, token_significance
@@ -40,6 +41,7 @@ from filters.mitigation import Mitigation
 from filters.prompts import read_prompts
 from filters.sampling import sample_prompts
 from train.components import Components, build_components
+from train.overrides import reject_unknown_added_keys
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -169,6 +171,7 @@ def mitigate(cfg: DictConfig, comps: Components, prompts: list[str], seeds: list
 @hydra.main(config_path="pkg://configs", config_name="detect", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
+        reject_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
         summary = detect(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad config or input: one line, no traceback
         raise SystemExit(f"memsieve-detect: error: {err}") from None

@@ -70,8 +70,8 @@ def test_two_processes_decide_as_one_process_over_the_same_samples(tmp_path):
     common = [*MICRO, "train.steps=10", "logging.every=1", "eval.enabled=false", "logging.wandb.enabled=false",
               "filter=threshold", f"filter.threshold={threshold}", "train.snr_gamma=5.0", "logging.decisions=true",
               "train.lr_scheduler=linear", "train.lr_warmup_steps=4"]
-    # memsieve-train relaunches itself as `accelerate launch --config_file multi_gpu.yaml --num_processes 2`.
-    launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yaml'}",
+    # memsieve-train relaunches itself as `accelerate launch --config_file multi_gpu.yml --num_processes 2`.
+    launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yml'}",
               "launch.num_processes=2"]
     two, one = tmp_path / "two", tmp_path / "one"
     run_cli(python_cli("train", *launch, *common, "train.batch_size=1", f"run_dir={two}"), cwd=tmp_path,
@@ -140,7 +140,9 @@ def test_bad_model_path_fails_with_one_clear_line(tmp_path):
                                      f"run_dir={tmp_path / 'r'}"), cwd=tmp_path, env=ENV, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert f"model path {tmp_path} has no unet/ subfolder" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"memsieve-train: error: model.pretrained={tmp_path} is not a diffusers model folder: it lacks unet/, "
+        "text_encoder/, tokenizer/, scheduler/"]
 
 
 def test_image_only_duplicates_pool_their_judgements_by_pair(tmp_path):
@@ -171,7 +173,7 @@ def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
 
     from filters.policy import build_policy
 
-    launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yaml'}",
+    launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yml'}",
               "launch.num_processes=2"]
     run_cli(python_cli("train", *launch, *MICRO, "train.steps=12", "train.batch_size=2", "eval.enabled=false",
                        "logging.wandb.enabled=false", "logging.decisions=true", "filter=calibrated",

@@ -87,7 +87,7 @@ EXPECTED_BACKENDS = {"single_gpu": (DistributedType.NO, 1), "multi_gpu": (Distri
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_BACKENDS))
 def test_accelerate_config_files_load(name):
-    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yml"))
     assert (config.distributed_type, config.num_machines) == EXPECTED_BACKENDS[name]
     if name == "deepspeed_zero2":
         assert config.deepspeed_config["zero_stage"] == 2
@@ -153,7 +153,7 @@ def test_8bit_adamw_without_bitsandbytes_is_a_one_line_error():
 def test_relaunch_command_runs_the_job_under_accelerate_with_its_own_overrides(tmp_path):
     from train.relaunch import relaunch_command
 
-    config_file = ROOT / "configs" / "accelerate" / "multi_gpu.yaml"
+    config_file = ROOT / "configs" / "accelerate" / "multi_gpu.yml"
     cfg = compose_train([f"launch.accelerate_config={config_file}", "launch.num_processes=4", "run_dir=unused"])
     cmd = relaunch_command(cfg, ["train.lr=1e-4", f"launch.accelerate_config={config_file}", "hydra.job.num=3"],
                            str(tmp_path))

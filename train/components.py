@@ -6,6 +6,7 @@ know which they got. ``vae`` is ``None`` for pixel-space models: latents are the
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from train.model_source import check_pretrained, hub_error
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 # eager: diffusers' plain matmul-softmax attention; sdpa: torch's scaled_dot_product_attention
@@ -66,7 +69,7 @@ class Components:
         re-evaluation use a loaded model (gradients still reach inputs such as prompt embeddings)."""
         for module in (self.unet, self.text_encoder, self.vae):
             if module is not None:
-                module.requires_grad_(False).eval().to(device, dtype=dtype)
+                place(module.requires_grad_(False).eval(), device, dtype)
         return self
 
     def save(self, path: str | Path) -> None:
@@ -93,6 +96,14 @@ class Components:
         StableDiffusionPipeline(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
                                 unet=self.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(path)
+
+
+def place(module: torch.nn.Module, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
+    """``module.to(device, dtype)``. diffusers warns on every dtype cast that modules "should be kept
+    in float32: []" even when its list is empty; only a model with such modules goes through its check."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        return module.to(device, dtype=dtype)
+    return torch.nn.Module.to(module, device, dtype=dtype)
 
 
 def set_attention(unet: UNet2DConditionModel, kind: str) -> None:
@@ -145,20 +156,28 @@ def build_embedded(cfg: DictConfig, vocabulary: list[str]) -> Components:
 def load_pretrained(path: str, revision: str | None = None, variant: str | None = None,
                     local_files_only: bool = False) -> Components:
     """Load any diffusers model folder or hub id (SD 1.x/2.x layout, VAE optional)."""
+    check_pretrained(path)  # a wrong local path fails here in one line, not as a loader traceback
     kw = {"revision": revision, "local_files_only": local_files_only}
-    root = Path(path)
-    if root.exists() and not (root / "unet").is_dir():
-        raise FileNotFoundError(f"model path {path} has no unet/ subfolder; expected a diffusers model folder")
-    vae = None
-    if not root.exists() or (root / "vae").is_dir():
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=variant, **kw)
-    return Components(
-        unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=variant, **kw),
-        text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=variant, **kw),
-        tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
-        noise_scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw),
-        vae=vae,
-    )
+    root = Path(path).expanduser()
+    local = root.is_dir()
+    source = str(root) if local else path
+    try:
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it has deprecated: a warning on every hub load.
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, **kw) \
+                if not local or (root / "vae").is_dir() else None
+            return Components(
+                unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, **kw),
+                text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", variant=variant, **kw),
+                tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer", **kw),
+                noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw),
+                vae=vae,
+            )
+    except OSError as err:  # diffusers/transformers report a missing hub model or cache entry as OSError
+        if local:
+            raise
+        raise hub_error(path, local_files_only, err) from None
 
 
 def build_components(cfg: DictConfig, vocabulary: list[str]) -> Components:

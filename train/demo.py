@@ -24,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from evaluation.compare import write_comparison
+from train.overrides import reject_unknown_added_keys
 
 VARIANTS = ("unfiltered", "filtered")
 
@@ -89,6 +90,10 @@ def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: i
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     task = list(HydraConfig.get().overrides.task)
+    try:
+        reject_unknown_added_keys(cfg, task)
+    except ValueError as err:
+        raise SystemExit(f"memsieve-demo: error: {err}") from None
     dirs = {v: out / v for v in VARIANTS}
     parallel = cfg.demo.parallel if cfg.demo.parallel != "auto" else not torch.cuda.is_available()
     threads = max(1, (os.cpu_count() or 2) // len(VARIANTS)) if parallel else None

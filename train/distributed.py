@@ -44,7 +44,7 @@ def configure_backend(accelerator: Accelerator, cfg: DictConfig, weight_dtype: t
     if accelerator.distributed_type == DistributedType.FSDP:
         if tc.ema.enabled:
             raise ValueError("train.ema.enabled=true needs the full UNet on every rank, which FSDP shards; use "
-                             "configs/accelerate/deepspeed_zero2.yaml or train.ema.enabled=false")
+                             "configs/accelerate/deepspeed_zero2.yml or train.ema.enabled=false")
         if cfg.validation.every:
             raise ValueError(f"validation.every={cfg.validation.every} samples the full UNet on the main process, "
                              "which FSDP shards; use validation.every=0 (the final model is still saved whole)")

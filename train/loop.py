@@ -34,12 +34,13 @@ from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
-from train.components import Components, build_components, set_attention
+from train.components import Components, build_components, place, set_attention
 from train.distributed import configure_backend, gather_columns, schedule_steps_per_step, shared_run_dir
 from train.export import trained_unet
 from train.loss import per_sample_loss, set_prediction_type, training_target
 from train.optim import build_optimizer
 from train.randomness import draw, judge_noise, micro_step_generator, posterior_generators
+from train.resume_check import check_resume, record_resume
 from train.tracking import JsonlLog, wandb_init_kwargs
 from train.validation import run_validation, validation_prompts
 
@@ -86,6 +87,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                               mixed_precision=tc.mixed_precision,
                               log_with="wandb" if cfg.logging.wandb.enabled else None)
     run_dir = shared_run_dir(accelerator, run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    resume = resolve_resume(tc.resume, ckpt_root)
+    changed = check_resume(cfg, resume, step_of(resume)) if resume is not None else {}  # before any work
     set_seed(cfg.seed)
     comps = build_components(cfg.model, list(VOCABULARY))
     data = build_data(cfg.data, comps.tokenizer)
@@ -100,7 +104,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     input_dtype = configure_backend(accelerator, cfg, weight_dtype)
     for frozen in (comps.text_encoder, comps.vae):
         if frozen is not None:
-            frozen.to(accelerator.device, dtype=weight_dtype)
+            place(frozen, accelerator.device, weight_dtype)
 
     ema = EMAModel(unet.parameters(), decay=tc.ema.decay, model_cls=type(unet), model_config=unet.config) \
         if tc.ema.enabled else None
@@ -116,8 +120,6 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     counts = FilterCounts()
     accelerator.register_for_checkpointing(policy, counts)
 
-    ckpt_root = run_dir / "checkpoints"
-    resume = resolve_resume(tc.resume, ckpt_root)
     start_step = 0
     if resume is not None:
         accelerator.load_state(str(resume))
@@ -130,8 +132,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         for log in (metrics, decisions):
             if log is not None:
                 log.truncate_after(start_step)
-        if start_step == 0:
-            OmegaConf.save(cfg, run_dir / "config.yaml")
+        OmegaConf.save(cfg, run_dir / "config.yaml")  # a resume differs only in allowed settings (resume_check)
+        if resume is not None:
+            record_resume(run_dir, resume, start_step, changed, accelerator.num_processes)
+        else:
             data.manifest.save(run_dir / "manifest.json")
     if accelerator.is_main_process and cfg.logging.wandb.enabled:
         accelerator.init_trackers(cfg.logging.wandb.project, OmegaConf.to_container(cfg, resolve=True),

@@ -29,7 +29,7 @@ def relaunch_command(cfg: DictConfig, task_overrides: list[str], output_dir: str
     lc = cfg.launch
     if not os.path.isfile(lc.accelerate_config):
         raise FileNotFoundError(f"launch.accelerate_config={lc.accelerate_config} does not exist; "
-                                "expected an accelerate config file such as configs/accelerate/multi_gpu.yaml")
+                                "expected an accelerate config file such as configs/accelerate/multi_gpu.yml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(lc.accelerate_config)]
     if lc.num_processes:
         cmd += ["--num_processes", str(lc.num_processes)]
