@@ -194,6 +194,8 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     summary = evaluate_model(result.components, result.data, cfg, run_dir)
     summary["filter"] = {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
                          "seen": result.counts.seen, "dropped": result.counts.dropped}
+    if cfg.filter.kind == "threshold":  # the number the run used, chosen by filter.choose or given
+        summary["filter"]["threshold"] = cfg.filter.threshold
     summary["timing"] = {"seconds_per_step": result.seconds_per_step}
     summary["data"] = {"skipped": dict(result.data.skipped)}
     write_json(run_dir / "summary.json", summary)

@@ -30,6 +30,7 @@ from data.dataset import TrainingData, build_data
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean, prompt_ids
+from filters.threshold_choice import choose_threshold, starting_magnitudes
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
 from train.components import Components, build_components, set_attention
 from train.distributed import configure_backend, schedule_steps_per_step, shared_run_dir
@@ -107,12 +108,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    ckpt_root = run_dir / "checkpoints"
+    resume = resolve_resume(tc.resume, ckpt_root)
+    choose_threshold(cfg, run_dir, resume is not None, lambda samples: starting_magnitudes(
+        unet, comps, data, cfg, accelerator, input_dtype, weight_dtype, samples))
     policy = build_policy(cfg.filter, sched.config.num_train_timesteps)
     counts = FilterCounts()
     accelerator.register_for_checkpointing(policy, counts)
 
-    ckpt_root = run_dir / "checkpoints"
-    resume = resolve_resume(tc.resume, ckpt_root)
     start_step = 0
     if resume is not None:
         accelerator.load_state(str(resume))
