@@ -32,15 +32,14 @@ def key_of(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def run_overrides(task: list[str], experiment: str | None, own: list[str], chosen_filter: str) -> list[str]:
-    """One run's overrides: the demo's experiment preset, the user's settings, then the run's own
-    filter (``demo.runs.NAME``). A run without one takes the demo's filter: ``filter=...`` and
-    ``filter.*`` from the command line (the other runs ignore those)."""
+def run_overrides(task: list[str], experiment: str | None, own: list[str], takes_user_filter: bool) -> list[str]:
+    """One run's overrides: the demo's experiment preset, the user's settings, the run's own
+    (``demo.runs.NAME``), then, for the run ``demo.user_filter_run`` names, the user's
+    ``filter=...`` and ``filter.*`` overrides (the other runs ignore those)."""
     others = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra", "experiment"))]
     preset = [f"experiment={experiment}"] if experiment else []
-    if own:
-        return [*preset, *others, *own]
-    return [*preset, *others, f"filter={chosen_filter}", *(o for o in task if key_of(o).startswith("filter."))]
+    user_filter = [o for o in task if key_of(o).startswith("filter")] if takes_user_filter else []
+    return [*preset, *others, *own, *user_filter]
 
 
 def launch(name: str, overrides: list[str], run_dir: Path, threads: int | None) -> subprocess.Popen:
@@ -86,8 +85,8 @@ def main(cfg: DictConfig) -> None:
     threads = max(1, (os.cpu_count() or 2) // len(runs)) if parallel else None
     procs = {}
     for name, own in runs.items():
-        procs[name] = launch(name, run_overrides(task, choices.get("experiment"), own, choices["filter"]),
-                             dirs[name], threads)
+        procs[name] = launch(name, run_overrides(task, choices.get("experiment"), own,
+                                                 name == cfg.demo.user_filter_run), dirs[name], threads)
         if not parallel:
             wait_all({name: procs[name]}, dirs, cfg.train.steps, cfg.demo.progress_every)
     wait_all(procs, dirs, cfg.train.steps, cfg.demo.progress_every)
