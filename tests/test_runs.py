@@ -98,26 +98,31 @@ def test_two_processes_decide_as_one_process_over_the_same_samples(tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # DDP's filtered mean is the global one
 
 
-def test_demo_writes_side_by_side_comparison(tmp_path):
+def test_demo_fine_tunes_the_shipped_base_three_ways_and_compares(tmp_path):
     out = tmp_path / "demo"
-    proc = run_cli(python_cli("train.demo", *MICRO, "train.steps=6", "filter.min_samples=4", "demo.pretrain.steps=3",
-                              "demo.progress_every=1", f"hydra.run.dir={out}"), cwd=tmp_path)
+    proc = run_cli(python_cli("train.demo", *MICRO, "train.steps=6", "filter.min_samples=4", "demo.progress_every=1",
+                              'demo.runs.threshold=["filter=threshold","filter.choose.quantile=0.9","filter.choose.samples=16"]',
+                              f"hydra.run.dir={out}"), cwd=tmp_path)
     last = proc.stdout.strip().splitlines()[-1]
     assert last == str(out / "comparison.json")
     comparison = json.loads((out / "comparison.json").read_text())
-    assert comparison["unfiltered"]["filter"]["kind"] == "none"
-    assert comparison["filtered"]["filter"]["kind"] == "calibrated"
+    runs = ("unfiltered", "threshold", "calibrated")
+    assert [comparison[r]["filter"]["kind"] for r in runs] == ["none", "threshold", "calibrated"]
     assert comparison["unfiltered"]["filter"]["dropped_fraction"] == {"duplicated": 0.0, "other": 0.0}
-    # Same seed, same world: both runs saw the same samples.
-    assert comparison["unfiltered"]["filter"]["seen"] == comparison["filtered"]["filter"]["seen"]
+    # Same seed, same world: every run saw the same samples.
+    assert comparison["unfiltered"]["filter"]["seen"] == comparison["threshold"]["filter"]["seen"] \
+        == comparison["calibrated"]["filter"]["seen"]
+    # The paper's threshold was chosen once from the base model and is the one the run used.
+    choice = json.loads((out / "threshold" / "threshold.json").read_text())
+    assert choice["samples"] == 16 and choice["threshold"] == comparison["threshold"]["filter"]["threshold"]
     table = (out / "comparison.md").read_text()
-    assert "| copy/duplicated |" in table and "| filter/dropped_fraction/other |" in table
+    assert "| metric | unfiltered | threshold | calibrated |" in table and "| copy/duplicated |" in table
     assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison.csv").exists()
     assert list((out / "wandb").glob("offline-run-*"))
-    for variant in ("unfiltered", "filtered"):
-        assert list((out / variant / "wandb").glob("offline-run-*"))
-        run_cfg = (out / variant / "config.yaml").read_text()
-        assert f"pretrained: {out / 'pretrain' / 'model'}" in run_cfg  # both fine-tune the same base
+    for run in runs:
+        assert list((out / run / "wandb").glob("offline-run-*"))
+        run_cfg = (out / run / "config.yaml").read_text()
+        assert "embedded_base" in run_cfg  # every run fine-tunes the shipped base
         assert "caption_dropout: 0.0" in run_cfg and "steps: 6" in run_cfg
 
 

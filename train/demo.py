@@ -1,12 +1,14 @@
 """``memsieve-demo``: the main job. Unfiltered and filtered runs, same seed, side by side.
 
-Each run is a real ``memsieve-train`` process. By default both train from scratch on the
-embedded world; with ``demo.pretrain.steps`` > 0 the demo first trains a base model on a
-disjoint world without duplicates (the embedded stand-in for SD's pretrained weights) and both
-runs fine-tune it, as Wen et al. fine-tuned SD v1.4. On a CPU-only machine the two runs go at
-once with half the cores each (measured: 0.36 s per step each, about what one run at a time
-with both cores costs per step, but the demo prints one comparison after one wait); with a GPU
-they run one after the other.
+Each run is a real ``memsieve-train`` process with the demo's experiment preset. By default that
+is Wen et al.'s setting in the embedded world (``experiment=embedded_finetune``): every run
+fine-tunes the shipped converged base model on the default world with its duplicates, at a
+small learning rate and without caption dropout, as SD v1.4 was fine-tuned. The runs
+(``demo.runs``) are the unfiltered one, the paper's fixed threshold (chosen once from the base
+model's magnitudes, ``filter.choose``) and memsieve's calibrated filter. ``experiment=embedded``
+trains them from scratch instead (the earlier demo). On a CPU-only machine the runs go at once,
+the cores split between them (one thread each on two cores: measured in BENCHMARKS.md as the
+fastest way there); with a GPU they run one after the other.
 """
 
 from __future__ import annotations
@@ -26,42 +28,29 @@ from omegaconf import DictConfig
 from evaluation.compare import write_comparison
 from train.overrides import reject_unknown_added_keys
 
-VARIANTS = ("unfiltered", "filtered")
-
 
 def key_of(override: str) -> str:
     return override.lstrip("+~").split("=", 1)[0]
 
 
-def pretrain_overrides(task: list[str], pretrain: DictConfig) -> list[str]:
-    """The base run: the user's model, seed and train settings on a disjoint duplicate-free world."""
-    kept = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra", "data", "eval", "train.steps"))]
-    return [*kept, *pretrain.overrides, f"train.steps={pretrain.steps}", "filter=none",
-            "filter.compute_magnitude=false", "eval.enabled=false"]
+def run_overrides(task: list[str], experiment: str | None, own: list[str], takes_user_filter: bool) -> list[str]:
+    """One run's overrides: the demo's experiment preset, the user's settings, the run's own
+    (``demo.runs.NAME``), then, for the run ``demo.user_filter_run`` names, the user's
+    ``filter=...`` and ``filter.*`` overrides (the other runs ignore those)."""
+    others = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra", "experiment"))]
+    preset = [f"experiment={experiment}"] if experiment else []
+    user_filter = [o for o in task if key_of(o).startswith("filter")] if takes_user_filter else []
+    return [*preset, *others, *own, *user_filter]
 
 
-def variant_overrides(task: list[str], variant: str, chosen_filter: str, base: Path | None,
-                      finetune: list[str] = ()) -> list[str]:
-    """One fine-tune's overrides: the unfiltered run ignores every ``filter`` override; with a base
-    model, ``model.*`` overrides went into the base run, the fine-tunes load its folder and take
-    the ``finetune`` settings (the user's overrides still win)."""
-    others = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra"))]
-    if base is not None:
-        others = [*finetune, *(o for o in others if not key_of(o).startswith("model")),
-                  "model=sd", f"model.pretrained={base}", "model.local_files_only=true"]
-    if variant == "unfiltered":
-        return [*others, "filter=none"]
-    return [*others, f"filter={chosen_filter}", *(o for o in task if key_of(o).startswith("filter."))]
-
-
-def launch(variant: str, overrides: list[str], run_dir: Path, threads: int | None) -> subprocess.Popen:
+def launch(name: str, overrides: list[str], run_dir: Path, threads: int | None) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log = (run_dir / "train.log").open("w")
     cmd = [sys.executable, "-m", "train", *overrides, f"run_dir={run_dir}", "logging.progress=false"]
-    print(f"[memsieve-demo] {variant}: {' '.join(cmd[2:])}  (log: {run_dir / 'train.log'})", flush=True)
+    print(f"[memsieve-demo] {name}: {' '.join(cmd[2:])}  (log: {run_dir / 'train.log'})", flush=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
@@ -78,11 +67,11 @@ def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: i
         time.sleep(every)
         if not quiet:
             print("[memsieve-demo] " + ", ".join(f"{v} step {last_step(dirs[v])}/{total}" for v in procs), flush=True)
-    for variant, proc in procs.items():
+    for name, proc in procs.items():
         if proc.returncode != 0:
-            log = dirs[variant] / "train.log"
+            log = dirs[name] / "train.log"
             lines = log.read_text().strip().splitlines() or [""]
-            raise SystemExit(f"[memsieve-demo] the {variant} run failed (exit {proc.returncode}): {lines[-1]} "
+            raise SystemExit(f"[memsieve-demo] the {name} run failed (exit {proc.returncode}): {lines[-1]} "
                              f"(full log: {log})")
 
 
@@ -94,24 +83,19 @@ def main(cfg: DictConfig) -> None:
         reject_unknown_added_keys(cfg, task)
     except ValueError as err:
         raise SystemExit(f"memsieve-demo: error: {err}") from None
-    dirs = {v: out / v for v in VARIANTS}
+    choices = HydraConfig.get().runtime.choices
+    runs = {name: list(own) for name, own in cfg.demo.runs.items()}
+    dirs = {name: out / name for name in runs}
     parallel = cfg.demo.parallel if cfg.demo.parallel != "auto" else not torch.cuda.is_available()
-    threads = max(1, (os.cpu_count() or 2) // len(VARIANTS)) if parallel else None
-    base = None
-    if cfg.demo.pretrain.steps:
-        pre_dir = out / "pretrain"
-        proc = launch("pretrain", pretrain_overrides(task, cfg.demo.pretrain), pre_dir, None)
-        wait_all({"pretrain": proc}, {"pretrain": pre_dir}, cfg.demo.pretrain.steps, cfg.demo.progress_every)
-        base = pre_dir / "model"
+    threads = max(1, (os.cpu_count() or 2) // len(runs)) if parallel else None
     procs = {}
-    for variant in VARIANTS:
-        overrides = variant_overrides(task, variant, HydraConfig.get().runtime.choices["filter"], base,
-                                      list(cfg.demo.finetune))
-        procs[variant] = launch(variant, overrides, dirs[variant], threads)
+    for name, own in runs.items():
+        procs[name] = launch(name, run_overrides(task, choices.get("experiment"), own,
+                                                 name == cfg.demo.user_filter_run), dirs[name], threads)
         if not parallel:
-            wait_all({variant: procs[variant]}, dirs, cfg.train.steps, cfg.demo.progress_every)
+            wait_all({name: procs[name]}, dirs, cfg.train.steps, cfg.demo.progress_every)
     wait_all(procs, dirs, cfg.train.steps, cfg.demo.progress_every)
-    summaries = {v: json.loads((dirs[v] / "summary.json").read_text()) for v in VARIANTS}
+    summaries = {name: json.loads((dirs[name] / "summary.json").read_text()) for name in runs}
     print(f"[memsieve-demo] comparison ({out / 'comparison.md'}):\n" + write_comparison(
         out, summaries, list(dirs.values()), cfg.logging.wandb).with_name("comparison.md").read_text(), flush=True)
     print(out / "comparison.json")

@@ -33,6 +33,7 @@ from data.dataset import TrainingData, build_data
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean
+from filters.threshold_choice import choose_threshold, starting_magnitudes
 from train.checkpoint import resolve_resume, save_checkpoint, step_of
 from train.components import Components, build_components, place, set_attention
 from train.distributed import configure_backend, gather_columns, schedule_steps_per_step, shared_run_dir
@@ -116,6 +117,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if ema is not None:
         ema.to(accelerator.device)
         accelerator.register_for_checkpointing(ema)
+    choose_threshold(cfg, run_dir, resume is not None, lambda samples: starting_magnitudes(
+        unet, comps, data, cfg, accelerator, input_dtype, weight_dtype, samples))
     policy = build_policy(cfg.filter, sched.config.num_train_timesteps, len(data.pairs)).to(accelerator.device)
     counts = FilterCounts()
     accelerator.register_for_checkpointing(policy, counts)

@@ -47,6 +47,8 @@ def differences(saved: DictConfig, current: DictConfig) -> dict[str, tuple[objec
 
 
 def is_safe(key: str, cfg: DictConfig, streamed: bool) -> bool:
+    if key == "filter.threshold" and cfg.filter.get("choose") and cfg.filter.choose.get("quantile") is not None:
+        return True  # config.yaml holds the number filter.choose picked; the resume reads it back
     if key == "train.steps":
         return cfg.train.lr_scheduler in STEP_FREE_SCHEDULES
     if key == "train.num_workers":

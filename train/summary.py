@@ -18,10 +18,14 @@ TRAINING_KEYS = ("filter", "timing", "data")
 
 
 def training_summary(result: TrainResult, cfg: DictConfig) -> dict:
-    return {"filter": {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
-                       "seen": result.counts.seen, "dropped": result.counts.dropped,
-                       "skipped_steps": result.counts.skipped_steps},
-            "timing": {"seconds_per_step": result.seconds_per_step},
+    """The training half of ``summary.json``: what the filter dropped (and, for ``filter=threshold``,
+    the number it used, chosen by ``filter.choose`` or given), the speed, and skipped data."""
+    filt = {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
+            "seen": result.counts.seen, "dropped": result.counts.dropped,
+            "skipped_steps": result.counts.skipped_steps}
+    if cfg.filter.kind == "threshold":
+        filt["threshold"] = cfg.filter.threshold
+    return {"filter": filt, "timing": {"seconds_per_step": result.seconds_per_step},
             "data": {"skipped": dict(result.data.skipped)}}
 
 

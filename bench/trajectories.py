@@ -1,0 +1,93 @@
+"""Per-sample magnitudes over a run, from its ``decisions.jsonl`` (``logging.decisions=true``).
+
+Answers what a fixed threshold would do to a run before running it: per window of steps, the
+mean magnitude of duplicated and other samples by noise band and the fraction of each above
+``--threshold`` (e.g. the value ``filter.choose`` picked from the base model, in the run's
+``threshold.json``); and each duplicated pair's own mean magnitude per window (its trajectory).
+
+    python bench/trajectories.py runs/demo_X/unfiltered --threshold 0.9 --window 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+BANDS = {"t<300": (0, 300), "300-700": (300, 700), "t>=700": (700, 1000)}
+
+
+def load(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Every logged sample: step, timestep, magnitude, kept, whether duplicated, and its pair index."""
+    counts = json.loads((run_dir / "manifest.json").read_text())["counts"]
+    dup_keys = sorted(counts)
+    rows = {"step": [], "t": [], "magnitude": [], "keep": [], "pair": []}
+    for line in (run_dir / "decisions.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        rows["step"] += [r["step"]] * len(r["key"])
+        rows["t"] += r["t"]
+        rows["magnitude"] += r["magnitude"]
+        rows["keep"] += r["keep"]
+        rows["pair"] += [dup_keys.index(k) if k in counts else -1 for k in r["key"]]
+    out = {k: torch.tensor(v) for k, v in rows.items()}
+    out["dup"] = out["pair"] >= 0
+    return out
+
+
+def windows_table(s: dict[str, torch.Tensor], window: int, threshold: float | None) -> str:
+    head = ["steps", *(f"{g} {b}" for g in ("dup", "other") for b in BANDS)]
+    if threshold is not None:
+        head += [f"dup > {threshold:.3f}", f"other > {threshold:.3f}"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    last = int(s["step"].max())
+    for lo in range(0, last, window):
+        w = (s["step"] > lo) & (s["step"] <= lo + window)
+        cells = [f"{lo + 1}-{min(lo + window, last)}"]
+        for sel in (s["dup"], ~s["dup"]):
+            for a, b in BANDS.values():
+                m = w & sel & (s["t"] >= a) & (s["t"] < b)
+                cells.append(f"{s['magnitude'][m].mean():.3f}" if m.any() else "")
+        if threshold is not None:
+            for sel in (s["dup"], ~s["dup"]):
+                m = w & sel
+                cells.append(f"{(s['magnitude'][m] > threshold).float().mean():.1%}" if m.any() else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pair_table(s: dict[str, torch.Tensor], window: int) -> str:
+    """Each duplicated pair's mean magnitude at t >= 700 per window (a per-pair trajectory)."""
+    last = int(s["step"].max())
+    starts = list(range(0, last, window))
+    lines = ["| pair | " + " | ".join(f"<={min(lo + window, last)}" for lo in starts) + " |",
+             "|---" * (len(starts) + 1) + "|"]
+    for p in range(int(s["pair"].max()) + 1):
+        cells = []
+        for lo in starts:
+            m = (s["pair"] == p) & (s["step"] > lo) & (s["step"] <= lo + window) & (s["t"] >= 700)
+            cells.append(f"{s['magnitude'][m].mean():.2f}" if m.any() else "")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    m = (~s["dup"]) & (s["t"] >= 700)
+    lines.append("| other (all) | " + " | ".join(
+        f"{s['magnitude'][m & (s['step'] > lo) & (s['step'] <= lo + window)].mean():.2f}" for lo in starts) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="a run directory with decisions.jsonl")
+    parser.add_argument("--threshold", type=float, default=None, help="report the fraction above this magnitude")
+    parser.add_argument("--window", type=int, default=100, help="steps per table row")
+    parser.add_argument("--pairs", action="store_true", help="also print each duplicated pair's trajectory")
+    args = parser.parse_args()
+    s = load(args.run)
+    print(windows_table(s, args.window, args.threshold))
+    if args.pairs:
+        print()
+        print(pair_table(s, args.window))
+
+
+if __name__ == "__main__":
+    main()
