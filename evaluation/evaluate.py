@@ -195,7 +195,8 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     summary["filter"] = {"kind": cfg.filter.kind, "dropped_fraction": result.counts.dropped_fraction(),
                          "seen": result.counts.seen, "dropped": result.counts.dropped}
     summary["timing"] = {"seconds_per_step": result.seconds_per_step}
-    summary["data"] = {"skipped": dict(result.data.skipped)}
+    summary["data"] = {"skipped": dict(result.data.skipped),
+                       **({"dedup": result.data.manifest.dedup} if result.data.manifest.dedup else {})}
     write_json(run_dir / "summary.json", summary)
     if cfg.logging.wandb.enabled:
         log_to_tracker(summary, {"eval/grid": run_dir / "grid.png"})
