@@ -4,7 +4,7 @@ Every run is placed by what its config says it did (:func:`method_of`): its miti
 magnitude filter, a caption baseline, embedding noise, multiple captions, deduplication,
 inference-time mitigation, or none; several at once join with ``+``) and that mitigation's
 strength. Runs of one duplication setting (``data.duplication.mode``, and the count when the runs
-differ in it) form one figure, ``tradeoff_<setting>.png``: copy similarity of the duplicated
+differ in it) with two points or more form one figure, ``tradeoff_<setting>.png``: copy similarity of the duplicated
 prompts (to their own training image, and the nearest-neighbour 95th percentile over the training
 set) against prompt alignment (of the duplicated prompts, and of the other prompts), one line per
 method ordered by strength, points labelled with it, the unmitigated run starred. Runs with the
@@ -258,7 +258,7 @@ def write_tradeoff(out: Path, runs) -> tuple[dict[str, Path], dict]:
     summary = summary_of(points)
     pngs = {f"tradeoff_{setting}": plot_setting(out / f"tradeoff_{setting}.png", setting,
                                                 [p for p in points if p.setting == setting], axis_names)
-            for setting in summary}
+            for setting, s in summary.items() if len(s["points"]) > 1}  # one point is no trade-off
     write_csv(out / "tradeoff.csv", points)
     write_json(out / "tradeoff.json", summary)
     write_markdown(out / "tradeoff.md", summary)

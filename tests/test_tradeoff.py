@@ -17,12 +17,12 @@ LEFT_OUT = ("calibrated", "rta", "replace", "repeat", "embedding_noise", "multip
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """Both modes x (unmitigated, a threshold that drops every sample, one that drops none): 6 real runs."""
+    """Both modes x (unmitigated, a threshold no magnitude reaches): 4 real runs."""
     root = tmp_path_factory.mktemp("tradeoff")
     run_cli(python_cli("train", "experiment=tradeoff", *MICRO, "train.steps=4",
-                       "hydra.sweeper.grids.threshold='filter=threshold filter.threshold=0.001,1000'",
+                       "hydra.sweeper.grids.threshold='filter=threshold filter.threshold=1000'",
                        *(f"hydra.sweeper.grids.{g}=null" for g in LEFT_OUT), f"hydra.sweep.dir={root / 'sweep'}"),
-            cwd=root, timeout=900)
+            cwd=root, timeout=1800)
     return root / "sweep"
 
 
@@ -36,15 +36,14 @@ def test_sweep_runs_the_union_of_grids_in_both_modes(sweep):
     overrides = [yaml.safe_load((d / ".hydra" / "overrides.yaml").read_text()) for d in jobs]
     swept = [[o for o in ov if o.startswith(("filter", "data.duplication.mode"))] for ov in overrides]
     assert swept == [[*grid, f"data.duplication.mode={mode}"] for mode in ("exact", "image_only")
-                     for grid in (["filter=none"], ["filter=threshold", "filter.threshold=0.001"],
-                                  ["filter=threshold", "filter.threshold=1000"])]
+                     for grid in (["filter=none"], ["filter=threshold", "filter.threshold=1000"])]
 
 
 def test_sweep_ends_with_one_figure_per_mode_and_the_tables(sweep):
     rows = rows_of(sweep / "tradeoff.csv")
     assert [(r["setting"], r["method"], r["strength"]) for r in rows] == [
         (mode, method, strength) for mode in ("exact", "image_only")
-        for method, strength in (("none", ""), ("threshold", "threshold=0.001"), ("threshold", "threshold=1000"))]
+        for method, strength in (("none", ""), ("threshold", "threshold=1000"))]
     for mode in ("exact", "image_only"):
         assert (sweep / f"tradeoff_{mode}.png").stat().st_size > 0
     summaries = {int(d.name): json.loads((d / "summary.json").read_text())
@@ -60,7 +59,6 @@ def test_sweep_ends_with_one_figure_per_mode_and_the_tables(sweep):
         points = {p["label"] or p["method"]: p["mean"] for p in summary[mode]["points"]}
         # a threshold no magnitude reaches drops nothing: the unmitigated run again
         assert points["threshold=1000"] == pytest.approx(points["none"])
-        assert points["threshold=0.001"] != pytest.approx(points["none"])  # dropping everything trains nothing
         best = summary[mode]["pareto"]["copy/duplicated"]["alignment/duplicated"]["none"]
         assert best["copy"] == pytest.approx(points["none"]["copy/duplicated"]) and best["copy_change"] == 0
     assert "### duplication mode image_only" in (sweep / "tradeoff.md").read_text()
@@ -71,7 +69,7 @@ def test_sweep_ends_with_one_figure_per_mode_and_the_tables(sweep):
 
 def test_memsieve_compare_groups_any_runs_by_their_configs(sweep, tmp_path):
     out = tmp_path / "cmp"
-    run_cli(python_cli("evaluation.compare", str(sweep / "2"), str(sweep / "0"), "--out", str(out),
+    run_cli(python_cli("evaluation.compare", str(sweep / "1"), str(sweep / "0"), "--out", str(out),
                        "--wandb", "disabled"), cwd=tmp_path)
     assert [(r["setting"], r["method"], r["strength"]) for r in rows_of(out / "tradeoff.csv")] == [
         ("exact", "none", ""), ("exact", "threshold", "threshold=1000")]
