@@ -281,7 +281,8 @@ def wandb_logs(summary: dict) -> dict:
                     if xkey in p["mean"] and ykey in p["mean"]:
                         lines.setdefault(p["method"], []).append((p["mean"][xkey], p["mean"][ykey]))
                 if lines:
-                    logged[f"tradeoff/{setting}/{ykey}_vs_{xkey}"] = wandb.plot.line_series(
+                    name = f"{ykey}_vs_{xkey}".replace("/", ".")  # one W&B key level per setting
+                    logged[f"tradeoff/{setting}/{name}"] = wandb.plot.line_series(
                         xs=[[x for x, _ in v] for v in lines.values()], ys=[[y for _, y in v] for v in lines.values()],
                         keys=list(lines), title=f"{ykey} vs {xkey} ({setting})", xname=xkey)
     return logged

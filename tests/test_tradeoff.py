@@ -63,8 +63,9 @@ def test_sweep_ends_with_one_figure_per_mode_and_the_tables(sweep):
         assert best["copy"] == pytest.approx(points["none"]["copy/duplicated"]) and best["copy_change"] == 0
     assert "### duplication mode image_only" in (sweep / "tradeoff.md").read_text()
     run = next((sweep / "wandb").glob("offline-run-*"))
-    tables = [p.name for p in run.rglob("*.table.json")]
-    assert sum("tradeoff" in name for name in tables) >= 2 * (1 + 4), tables  # a table and 4 line plots per mode
+    tables = [p.relative_to(run).as_posix() for p in run.rglob("*.table.json")]
+    for mode in ("exact", "image_only"):  # per mode the point table and a line plot per panel
+        assert sum(f"table/tradeoff/{mode}/" in t for t in tables) == 1 + 4, tables
 
 
 def test_memsieve_compare_groups_any_runs_by_their_configs(sweep, tmp_path):
