@@ -54,6 +54,9 @@ def materialize(cfg: DictConfig) -> DuplicationManifest:
     if data.get("weighted"):
         raise ValueError("data.weighted copies nothing (it is applied while training); materialize with "
                          "data.duplication.num_duplicated/copies or counts")
+    if (data.get("dedup") or {}).get("method", "none") != "none":
+        raise ValueError(f"data.dedup.method={data.dedup.method} applies when training (memsieve-train reads any "
+                         "source, materialized ones too, and deduplicates it); build with data.dedup.method=none")
     out = Path(cfg.output)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"output={out} is not empty; give a new folder")

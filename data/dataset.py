@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from data.captions import CaptionPolicy, CaptionSpec, alternative_source
+from data.dedup import DedupSpec, deduplicate
 from data.images import ImageSpec, decode
 from data.injection import DuplicationManifest, Entry, choose_pairs, choose_weighted, counts_from_list, expand_plan
 from data.sampler import DrawSampler
@@ -74,8 +75,12 @@ class SourcePairs:
 
     def images_at(self, indices: list[int]) -> torch.Tensor:
         """uint8 images ``[len(indices), 3, R, R]`` of the given base pairs (centre crop, no flip)."""
-        spec = ImageSpec(self.spec.resolution, True, False, self.spec.min_size, self.spec.max_pixels)
-        return load_images(self.index, [self.records[i] for i in indices], spec)
+        return load_images(self.index, [self.records[i] for i in indices], centred(self.spec))
+
+
+def centred(spec: ImageSpec) -> ImageSpec:
+    """``spec`` with centre crop and no flip: each record's one canonical image (evaluation, dedup)."""
+    return ImageSpec(spec.resolution, True, False, spec.min_size, spec.max_pixels)
 
 
 class PairDataset(Dataset):
@@ -191,10 +196,24 @@ def plan(cfg: DictConfig, keys: list[str], records: list[int]
     return entries, manifest, None
 
 
+def dedup(cfg: DictConfig, entries: list[Entry], keys: list[str], manifest: DuplicationManifest,
+          weights: torch.Tensor | None, load) -> tuple[list[Entry], torch.Tensor | None]:
+    """The plan without duplicate images when ``data.dedup.method`` asks for it (``load``: uint8 images
+    of source records); the manifest records what was removed."""
+    spec = DedupSpec.from_config(cfg.get("dedup"))
+    if spec.method == "none":
+        return entries, weights
+    keep = deduplicate(entries, keys, load, spec, manifest)
+    logging.getLogger(__name__).info("data.dedup=%s removed %d of %d samples: %s", spec.method,
+                                     len(entries) - len(keep), len(entries), manifest.dedup)
+    return [entries[i] for i in keep], None if weights is None else weights[keep]
+
+
 def build_embedded(cfg: DictConfig, tokenizer=None) -> TrainingData:
     world = generate_world(WorldConfig(**cfg.world))
     entries, manifest, weights = plan(cfg, world.keys, list(range(len(world.keys))))
-    captions = [[c] for c in world.captions]
+    entries, weights = dedup(cfg, entries, world.keys, manifest, weights, lambda records: world.images[records])
+    captions = world.caption_sets()
     policy = CaptionPolicy(CaptionSpec.from_config(cfg.get("captions")), captions, tokenizer)
     dataset = PairDataset(entries, world.keys, captions, manifest, policy, images=world.images)
     return TrainingData(dataset=dataset, pairs=BasePairs(world.keys, world.captions, world.images),
@@ -273,6 +292,12 @@ def build_real(cfg: DictConfig, tokenizer=None) -> TrainingData:
         weights = None
     else:
         entries, manifest, weights = plan(cfg, keys, records)
+    if DedupSpec.from_config(cfg.get("dedup")).method != "none" and cfg.source == "webdataset" and \
+            not all(map(is_local, expand_urls(cfg.urls))):
+        raise ValueError("data.dedup reads every image by random access, which shards at URLs do not allow; "
+                         "copy them to local disk (data.urls=FOLDER) or set data.dedup.method=none")
+    entries, weights = dedup(cfg, entries, keys, manifest, weights,
+                             lambda recs: load_images(index, recs, centred(spec)))
     cspec = CaptionSpec.from_config(cfg.get("captions"))
     policy = CaptionPolicy(cspec, [index.records[r].captions for r in records], tokenizer)
     if manifest.mode == "image_only" and not manifest.caption_source:

@@ -30,6 +30,8 @@ class DuplicationManifest:
     sampling: str = "copies"
     # image_only: where each repeat's other caption came from.
     caption_source: str = ""
+    # data.dedup: what deduplication by image removed from the training set (data/dedup.py); empty when off.
+    dedup: dict = field(default_factory=dict)
 
     def is_duplicated(self, key: str) -> bool:
         return self.counts.get(key, 1) > 1

@@ -21,8 +21,9 @@ from data.world import WORLD_MARKER, EmbeddedWorld, WorldConfig, generate_world
 MODES = (("RGB", "jpg"), ("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg"))
 
 
-def world(num_pairs: int, resolution: int = 32, seed: int = 0) -> EmbeddedWorld:
-    return generate_world(WorldConfig(num_pairs=num_pairs, resolution=resolution, seed=seed))
+def world(num_pairs: int, resolution: int = 32, seed: int = 0, num_captions: int = 1) -> EmbeddedWorld:
+    return generate_world(WorldConfig(num_pairs=num_pairs, resolution=resolution, seed=seed,
+                                      num_captions=num_captions))
 
 
 def encode(image: torch.Tensor, mode: str = "RGB", fmt: str = "png") -> bytes:
@@ -85,7 +86,7 @@ def write_shards(w: EmbeddedWorld, root: str | Path, shard_size: int, mixed: boo
     with wds.ShardWriter(str(root / "%05d.tar"), maxcount=shard_size, verbose=0, start_shard=start_shard) as sink:
         for i, (key, caption) in enumerate(zip(w.keys, w.captions)):
             mode, fmt = mode_of(i, mixed) if mixed else ("RGB", "jpg")
-            sink.write({"__key__": key, fmt: encode(w.images[i], mode, fmt), "txt": caption,
-                        "json": {"key": key, "caption": caption}})
+            meta = {"key": key, "caption": caption, **({"captions": w.alternatives[i]} if w.alternatives[i] else {})}
+            sink.write({"__key__": key, fmt: encode(w.images[i], mode, fmt), "txt": caption, "json": meta})
     mark_as_world(root, w)
     return sorted(root.glob("*.tar"))

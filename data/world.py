@@ -57,6 +57,7 @@ class WorldConfig:
     background_cells: int = 4
     id_digits: int = 4
     seed: int = 0
+    num_captions: int = 1  # captions per pair: the main one, then rephrasings (data.captions.multiple)
 
 
 @dataclass
@@ -67,10 +68,32 @@ class EmbeddedWorld:
     captions: list[str]
     keys: list[str]
     attributes: list[dict[str, str]]
+    alternatives: list[list[str]]  # each pair's other captions (rephrasings), possibly none
+
+    def caption_sets(self) -> list[list[str]]:
+        """Per pair: its main caption, then its alternatives."""
+        return [[main, *alt] for main, alt in zip(self.captions, self.alternatives)]
+
+
+# Rephrasings of a caption in the world's own words (a new word would change the tokenizer and the
+# model), so a pair has several captions stating the same attributes, as LAION images with several
+# alt texts or captioner outputs do. Used as a pair's alternative captions (data.world.num_captions).
+REPHRASINGS: tuple[str, ...] = (
+    "a {color} {size} {shape} {position} {id}",
+    "{id} a {size} {color} {shape} {position}",
+    "{position} a {size} {color} {shape} {id}",
+    "a {size} {color} {shape} {id} {position}",
+    "a {shape} {size} {color} {position} {id}",
+)
 
 
 def caption_for(attrs: dict[str, str], item_id: str) -> str:
     return f"a {attrs['size']} {attrs['color']} {attrs['shape']} {attrs['position']} {ID_WORD}{item_id}"
+
+
+def rephrasings(attrs: dict[str, str], item_id: str, count: int) -> list[str]:
+    """The first ``count`` of :data:`REPHRASINGS` for one pair."""
+    return [t.format(**attrs, id=f"{ID_WORD}{item_id}") for t in REPHRASINGS[:count]]
 
 
 def object_mask(shape: str, size: str, position: str, resolution: int) -> torch.Tensor:
@@ -105,6 +128,9 @@ def generate_world(cfg: WorldConfig) -> EmbeddedWorld:
         raise ValueError(
             f"world needs num_pairs >= 1 and resolution >= 8, got {cfg.num_pairs} and {cfg.resolution}"
         )
+    if not 1 <= cfg.num_captions <= 1 + len(REPHRASINGS):
+        raise ValueError(f"data.world.num_captions={cfg.num_captions}; expected 1 to {1 + len(REPHRASINGS)} "
+                         f"(the main caption and up to {len(REPHRASINGS)} rephrasings)")
     rng = np.random.default_rng(cfg.seed)
     lo, hi = BACKGROUND_RANGE
     shape = (cfg.num_pairs, 1, cfg.background_cells, cfg.background_cells)
@@ -115,16 +141,18 @@ def generate_world(cfg: WorldConfig) -> EmbeddedWorld:
         torch.from_numpy(cells).float(), size=(cfg.resolution, cfg.resolution), mode="bilinear",
         align_corners=False,
     )
-    images, captions, attributes = [], [], []
+    images, captions, attributes, alternatives = [], [], [], []
     for i in range(cfg.num_pairs):
         attrs = {name: values[rng.integers(len(values))] for name, values in ATTRIBUTES.items()}
         item_id = "".join(str(d) for d in rng.integers(0, 10, size=cfg.id_digits))
         images.append(render(attrs, backgrounds[i]))
         captions.append(caption_for(attrs, item_id))
         attributes.append(attrs)
+        alternatives.append(rephrasings(attrs, item_id, cfg.num_captions - 1))
     pixels = (torch.stack(images) * 255).round().to(torch.uint8)
     keys = [f"{cfg.seed:04d}-{i:06d}" for i in range(cfg.num_pairs)]
-    return EmbeddedWorld(images=pixels, captions=captions, keys=keys, attributes=attributes)
+    return EmbeddedWorld(images=pixels, captions=captions, keys=keys, attributes=attributes,
+                         alternatives=alternatives)
 
 
 def parse_caption(caption: str) -> dict[str, str]:

@@ -3,10 +3,12 @@
 ``memsieve-compare DIR...`` takes run directories or multirun sweep directories (every
 subdirectory holding a ``summary.json`` is a run). It writes ``comparison.csv`` (one row per
 run), ``comparison.md`` (one row per metric, one column per run), ``comparison.json``,
-``comparison.png`` (copy similarity against alignment, one point per run: the trade-off curve)
-and, when the runs differ in duplication count, ``duplication.png`` (memorization against
-duplication count, one line per filter). Both go to W&B (offline unless logged in) as a table
-with a scatter and a line plot. ``experiment=dup_sweep`` calls it at the end of the sweep
+``comparison.png`` (copy similarity against alignment, one point per run), the trade-off figures
+``tradeoff_<mode>.png`` with ``tradeoff.{csv,json,md}`` (one curve per mitigation, grouped by
+method and strength read from each run's config: :mod:`evaluation.tradeoff`) and, when the runs
+differ in duplication count, ``duplication.png`` (memorization against duplication count, one
+line per filter). All go to W&B (offline unless logged in) as tables with a scatter and line
+plots. ``experiment=dup_sweep`` and ``experiment=tradeoff`` call it at the end of the sweep
 through :class:`CompareSweep`.
 """
 
@@ -27,6 +29,7 @@ from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from evaluation.report import flatten, write_json  # noqa: E402
+from evaluation.tradeoff import wandb_logs, write_tradeoff  # noqa: E402
 from train.tracking import wandb_mode  # noqa: E402
 
 TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/gap",
@@ -190,8 +193,9 @@ def plot_duplication(out: Path, runs: list[Run]) -> Path:
     return path
 
 
-def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: DictConfig) -> None:
-    """The per-run table, a scatter of copy against alignment and, for a sweep, memorization lines."""
+def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: DictConfig, tradeoff: dict) -> None:
+    """The per-run table, a scatter of copy against alignment, the trade-off tables and lines and,
+    for a sweep, memorization lines."""
     import wandb
 
     columns = ["run", "filter", "copies", *TABLE_KEYS]
@@ -202,7 +206,8 @@ def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: Dict
         logged = {"comparison/table": table,
                   "comparison/tradeoff": wandb.plot.scatter(table, "alignment/duplicated", "copy/duplicated",
                                                             title="copy vs alignment (duplicated prompts)"),
-                  **{f"comparison/{name}": wandb.Image(str(p)) for name, p in pngs.items()}}
+                  **{f"comparison/{name}": wandb.Image(str(p)) for name, p in pngs.items()},
+                  **wandb_logs(tradeoff)}
         for key in MEMORIZATION_KEYS if is_duplication_sweep(runs) else ():
             lines = duplication_lines(runs, key)
             if lines:
@@ -218,12 +223,14 @@ def compare(out: Path, runs: list[Run], wandb_cfg: DictConfig | None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     write_table(out, runs)
     pngs = {"tradeoff": plot_tradeoff(out, runs)}
+    tradeoff_pngs, tradeoff = write_tradeoff(out, runs)
+    pngs.update(tradeoff_pngs)
     if is_duplication_sweep(runs):
         pngs["duplication"] = plot_duplication(out, runs)
     path = write_json(out / "comparison.json", {**{r.name: r.summary for r in runs},
                                                 "runs": {r.name: str(r.directory) for r in runs}})
     if wandb_cfg is not None and wandb_cfg.enabled:
-        log_wandb(out, runs, pngs, wandb_cfg)
+        log_wandb(out, runs, pngs, wandb_cfg, tradeoff)
     return path
 
 
@@ -238,9 +245,9 @@ class CompareSweep(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        path = compare(sweep, load_runs([sweep]), config.logging.wandb)
-        print(f"[memsieve-compare] {path.with_name('comparison.md')}\n{path.with_name('comparison.md').read_text()}",
-              flush=True)
+        compare(sweep, load_runs([sweep]), config.logging.wandb)
+        for name in ("comparison.md", "tradeoff.md"):
+            print(f"[memsieve-compare] {sweep / name}\n{(sweep / name).read_text()}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

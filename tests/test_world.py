@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from data.world import WorldConfig, generate_world, parse_caption
@@ -32,3 +33,23 @@ def test_copy_similarity_separates_copies_from_same_caption_other_background():
 
     redrawn = render(world.attributes[0], other_background[0])
     assert copy_similarity(redrawn[None], images[0], region).abs() < 0.5
+
+
+def test_alternative_captions_rephrase_the_same_pair_and_leave_the_world_unchanged():
+    from data.dataset import build_data
+    from tests.conftest import compose_train
+
+    one, four = (generate_world(WorldConfig(num_pairs=50, num_captions=n)) for n in (1, 4))
+    assert one.captions == four.captions and torch.equal(one.images, four.images)
+    assert one.alternatives == [[]] * 50
+    for main, alternatives in zip(four.captions, four.alternatives):
+        assert len(set([main, *alternatives])) == 4
+        assert all(sorted(a.split()) == sorted(main.split()) for a in alternatives)  # same words, other order
+    with pytest.raises(ValueError, match="data.world.num_captions=7; expected 1 to 6"):
+        generate_world(WorldConfig(num_pairs=5, num_captions=7))
+
+    cfg = compose_train(["run_dir=unused", "data.world.num_pairs=50", "data.duplication.num_duplicated=0",
+                         "data.world.num_captions=4", "data.captions.multiple=true"])
+    data = build_data(cfg.data)
+    seen = {data.dataset[(0, (1, d))]["caption"] for d in range(40)}
+    assert seen == {four.captions[0], *four.alternatives[0]}  # multiple: each draw one of the pair's captions

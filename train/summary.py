@@ -26,7 +26,8 @@ def training_summary(result: TrainResult, cfg: DictConfig) -> dict:
     if cfg.filter.kind == "threshold":
         filt["threshold"] = cfg.filter.threshold
     return {"filter": filt, "timing": {"seconds_per_step": result.seconds_per_step},
-            "data": {"skipped": dict(result.data.skipped)}}
+            "data": {"skipped": dict(result.data.skipped),
+                     **({"dedup": result.data.manifest.dedup} if result.data.manifest.dedup else {})}}
 
 
 def write_training_summary(result: TrainResult, cfg: DictConfig) -> dict:
