@@ -97,6 +97,8 @@ def seed_set_figures(scores: np.ndarray, memorized: np.ndarray, calibration_fpr:
     calibration half, flagged by Benjamini-Hochberg at ``fdr``: the false-discovery proportion
     achieved (``fdr``, 0 when nothing is flagged), TPR (``fdr_tpr``) and flagged count. ``X`` is the
     mean over sets, ``X_std`` the sample standard deviation (``None`` for one set), ``per_seed.X`` the list.
+    ``fdr_min_flagged`` is the fewest prompts BH can flag at all: the smallest p-value, ``1 / (n + 1)``
+    for ``n`` calibration prompts, must be under ``k * fdr / m`` for ``m`` tested prompts.
     """
     scores = np.atleast_2d(np.asarray(scores, dtype=float))
     memorized = np.asarray(memorized).astype(bool)
@@ -122,12 +124,17 @@ def seed_set_figures(scores: np.ndarray, memorized: np.ndarray, calibration_fpr:
     for name, values in per.items():
         out[name] = float(np.mean(values))
         out[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else None
+    min_flagged = math.ceil(queried.size / (fdr * (len(cal) + 1)) - 1e-9)
     out.update({"seed_sets": len(scores), "positives": int(positives.size), "negatives": int(negatives.size),
                 "calibration_prompts": len(cal), "test_prompts": len(test), "calibration_fpr": calibration_fpr,
-                "fdr_q": fdr, "split_seed": split_seed, "per_seed": per})
-    warning = few_negatives_warning(int(negatives.size))
-    if warning:
-        out["warning"] = warning
+                "fdr_q": fdr, "fdr_min_flagged": min_flagged, "split_seed": split_seed, "per_seed": per})
+    warnings = [few_negatives_warning(int(negatives.size))]
+    if min_flagged > positives.size:
+        warnings.append(f"BH at q={fdr:g} can flag no fewer than {min_flagged} of {queried.size} tested prompts with "
+                        f"{len(cal)} calibration prompts (smallest p-value 1/{len(cal) + 1}), more than the "
+                        f"{positives.size} memorized ones; use more non-memorized prompts or a larger q")
+    if any(warnings):
+        out["warning"] = "; ".join(w for w in warnings if w)
     return out
 
 
