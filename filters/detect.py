@@ -46,6 +46,7 @@ from filters.detection import (
     first_steps_magnitudes,
     same_model,
     save_roc,
+    scoring_setting,
     seed_set_figures,
 )
 from filters.mitigation import Mitigation
@@ -102,6 +103,7 @@ def detect(cfg: DictConfig) -> dict:
     given = DetectionThreshold.load(cfg.threshold) if cfg.threshold is not None else None
     if given is not None:
         given.check("memsieve-detect", d.steps, d.generations, d.num_inference_steps, d.guidance_scale, model)
+    check_mitigation_threshold(cfg, given, model)
     out.mkdir(parents=True, exist_ok=True)
     progress = cfg.progress and not os.environ.get("CI")
     comps = load_model(cfg)
@@ -152,9 +154,6 @@ def detect(cfg: DictConfig) -> dict:
     else:
         found = None
     print_table(records[:len(prompts)], found, cfg.show, cfg.triggers.top_fraction)
-    if cfg.mitigation.enabled and cfg.mitigation.target is None:
-        threshold.check("mitigation.target=null, which compares one first-step magnitude per generation,", 1, 1,
-                        d.num_inference_steps, None, model)
     mitigation = Mitigation.from_config(cfg.mitigation, threshold.threshold if threshold else None)
     if mitigation is not None:
         summary["mitigation"] = mitigate(cfg, comps, prompts, seed_sets[0], mitigation, records, out)
@@ -163,6 +162,23 @@ def detect(cfg: DictConfig) -> dict:
         f.writelines(json.dumps(r) + "\n" for r in records)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def check_mitigation_threshold(cfg: DictConfig, given: DetectionThreshold | None, model: str | None) -> None:
+    """``mitigation.target=null`` compares one first-step magnitude per generation with the threshold
+    (``given``, else the one calibrated in this run): a one-line error unless it is a first-step,
+    one-generation threshold."""
+    d, consumer = cfg.detection, "mitigation.target=null, which compares one first-step magnitude per generation,"
+    if not cfg.mitigation.enabled or cfg.mitigation.target is not None:
+        return
+    if given is not None:
+        given.check(consumer, 1, 1, d.num_inference_steps, None, model)
+    elif (d.steps, d.generations) != (1, 1):
+        raise ValueError(f"the threshold calibrated here is on "
+                         f"{scoring_setting(d.steps, d.generations, d.num_inference_steps, d.guidance_scale, model)}"
+                         f", but {consumer} scores "
+                         f"{scoring_setting(1, 1, d.num_inference_steps, None, model)}; give mitigation.target=NUMBER "
+                         f"or detection.steps=1 detection.generations=1")
 
 
 def flag(records: list[dict], threshold: DetectionThreshold, reference: set[int], fdr: float) -> dict:
