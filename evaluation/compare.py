@@ -36,7 +36,8 @@ TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/gap",
               "copy/nearest/duplicated/mean_max", "copy/nearest/duplicated/p95",
               "copy/nearest/duplicated/above_threshold", "copy/nearest/duplicated/own_is_nearest",
               "copy/nearest/other/mean_max", "copy/nearest/other/p95", "copy/nearest/other/above_threshold",
-              "alignment/duplicated", "alignment/other", "detection/auc", "detection/tpr_at_1pct_fpr",
+              "alignment/duplicated", "alignment/other", "detection/auc", "detection/auc_std",
+              "detection/tpr_at_1pct_fpr", "detection/tpr_at_1pct_fpr_std",
               "filter/dropped_fraction/duplicated", "filter/dropped_fraction/other", "timing/seconds_per_step")
 # What the duplication plot calls memorization: similarity to the own training image, and the
 # nearest-neighbour convention when the runs have it.

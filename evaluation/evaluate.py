@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from evaluation.generate import generate
 from evaluation.report import flatten, save_grid, write_json
 from evaluation.scores import MetricUnavailable, alignment_scores, copy_scores, copy_summary, split_means
-from filters.detection import detection_metrics, first_steps_magnitudes
+from filters.detection import first_steps_magnitudes, seed_set_figures
 from filters.mitigation import Mitigation
+from filters.sampling import PromptSeeds
 from train.loop import TrainResult
 from train.summary import training_summary
 
@@ -46,7 +47,10 @@ def detect(comps, data, ec: DictConfig) -> dict:
     """First-steps detection of duplicated against other training prompts, in every configured setting.
 
     Each prompt is scored by its mean magnitude over the first k sampling steps and first n
-    generations; one early-stopped sampling pass serves all settings.
+    generations, from starting noises of its own (:class:`filters.sampling.PromptSeeds`), in
+    ``detection.seed_sets`` independent sets of noises; every figure is reported as mean, spread
+    and per-set list (:func:`filters.detection.seed_set_figures`). One early-stopped sampling pass
+    per seed set serves all settings.
     """
     dc = ec.detection
     dup, other = choose_prompts(data, dc.num_other_prompts, ec.seed + 1)
@@ -54,15 +58,16 @@ def detect(comps, data, ec: DictConfig) -> dict:
     captions = [data.pairs.captions[i] for i in dup + other]
     steps = max(s.steps for s in dc.settings.values())
     generations = max(s.generations for s in dc.settings.values())
-    magnitudes = first_steps_magnitudes(comps, captions, [ec.seed + j for j in range(generations)],
-                                        ec.num_inference_steps, ec.guidance_scale, steps, ec.batch_size)
+    sets = [first_steps_magnitudes(comps, captions, PromptSeeds(ec.seed + k * len(captions), generations),
+                                   ec.num_inference_steps, ec.guidance_scale, steps, ec.batch_size)
+            for k in range(dc.seed_sets)]
     out = {}
     for name, s in dc.settings.items():
-        scores = magnitudes[:, : s.generations, : s.steps].mean(dim=(1, 2)).numpy()
-        out[name] = {**detection_metrics(scores, labels), "steps": s.steps, "generations": s.generations,
-                     "mean_score_duplicated": float(scores[labels == 1].mean()),
-                     "mean_score_other": float(scores[labels == 0].mean()),
-                     "prompts": {"duplicated": len(dup), "other": len(other)}}
+        scores = np.stack([m[:, : s.generations, : s.steps].mean(dim=(1, 2)).numpy() for m in sets])  # [K, P]
+        out[name] = {**seed_set_figures(scores, labels, dc.calibration_fpr, dc.fdr, ec.seed),
+                     "steps": s.steps, "generations": s.generations,
+                     "mean_score_duplicated": float(scores[:, labels == 1].mean()),
+                     "mean_score_other": float(scores[:, labels == 0].mean())}
     return out
 
 
@@ -176,7 +181,8 @@ def evaluate_model(comps, data, cfg: DictConfig, out_dir: Path, reuse: Path | No
     else:
         detection = detect(comps, data, ec)
         default = detection[ec.detection.default]
-        summary["detection"] = {"auc": default["auc"], "tpr_at_1pct_fpr": default["tpr_at_1pct_fpr"],
+        summary["detection"] = {**{k: default[k] for k in ("auc", "auc_std", "tpr_at_1pct_fpr",
+                                                            "tpr_at_1pct_fpr_std", "seed_sets")},
                                 "default": ec.detection.default, "settings": detection, "config": settings}
     k = ec.grid_prompts
     dup_count = int(is_dup.sum())

@@ -3,8 +3,9 @@
 import torch
 
 from filters.attribution import highlight, prompt_tokens, token_significance
+from filters.detection import first_steps_magnitudes
 from filters.magnitude import first_step_input, magnitude_gradient, unconditional_prediction
-from filters.sampling import initial_latents, latent_shape
+from filters.sampling import PromptSeeds, initial_latents, latent_shape
 
 
 def mean_first_step_magnitudes(comps, embs, seeds, num_steps):
@@ -58,3 +59,19 @@ def test_highlight_marks_the_strongest_tokens(tiny_components):
     assert highlight(sig, 0.5, color=False) == "a big [[red]] [[circle]]"
     assert "\033[1;37;41mred\033[0m" in highlight(sig, 0.5, color=True)
     assert sig.to_json()["tokens"][2] == {"token": "red", "significance": 1.0}
+
+
+def test_significance_over_a_guided_trajectory(tiny_components):
+    """Over k steps the gradients are taken along the trajectory CFG sampling takes: the mean
+    magnitude they report is the detector's k-step score of the same noises."""
+    comps = tiny_components
+    comps.unet.eval()
+    prompts = ["a big red circle top left item1234", "a small blue square bottom right item77"]
+    seeds = PromptSeeds(3, 2)
+    found = token_significance(comps, prompts, seeds, 10, batch_size=2, steps=3, guidance_scale=5.0)
+    detector = first_steps_magnitudes(comps, prompts, seeds, 10, 5.0, first_steps=3, batch_size=8)
+    for sig, magnitudes in zip(found, detector):
+        assert abs(sig.magnitude - float(magnitudes.mean())) < 1e-5
+    first = token_significance(comps, prompts, seeds, 10, batch_size=2, steps=1)
+    assert all(abs(f.magnitude - float(m[:, 0].mean())) < 1e-5 for f, m in zip(first, detector))
+    assert all(a.scores != b.scores and len(a.scores) == len(b.scores) for a, b in zip(found, first))
