@@ -25,7 +25,7 @@ def test_tiny_sd_fine_tune_with_ema_min_snr_and_filter_saves_a_loadable_pipeline
     run = tmp_path / "run"
     run_cli(python_cli("train", *MICRO, "data.world.resolution=32", "model=sd", f"model.pretrained={tiny_sd_path}",
                        "model.local_files_only=true", "train.mixed_precision=no", "train.steps=4",
-                       "train.ema.enabled=true", "train.snr_gamma=5.0", "filter=threshold", "filter.threshold=0.8",
+                       "train.ema.enabled=true", "train.snr_gamma=5.0", "filter=threshold", "filter.threshold=1.5",
                        "logging.decisions=true", "eval.enabled=false", "validation.every=2",
                        "validation.num_prompts=1", "validation.seeds=[0]", "validation.num_inference_steps=1",
                        f"run_dir={run}"), cwd=tmp_path)
