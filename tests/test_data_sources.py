@@ -20,7 +20,9 @@ from PIL import Image
 from data.dataset import build_data
 from data.images import ImageSpec, decode
 from data.samples import encode, world, write_folder, write_imagefolder
+from data.world import VOCABULARY
 from tests.conftest import ENV, MICRO, compose_train
+from train.components import word_tokenizer
 from train.loop import train
 
 # MICRO without the embedded world's keys, for 16-pixel real data and the embedded model.
@@ -121,7 +123,8 @@ def test_random_crops_and_captions_replay_on_resume(tmp_path):
     cfg = compose_train([*REAL, "data=folder", f"data.path={root}", "data.center_crop=false",
                          "data.random_flip=true", "data.captions.augmentation=rta", "data.captions.probability=1",
                          "run_dir=unused"])
-    data = build_data(cfg.data)
+    # The papers' RTA draws the model's token ids: the embedded model's word tokenizer plays CLIP's.
+    data = build_data(cfg.data, word_tokenizer(list(VOCABULARY), cfg.model.text_encoder.max_length))
     fresh = data.batches(4, seed=1, rank=0, world_size=1)
     first = [next(fresh) for _ in range(5)]
     resumed = data.batches(4, seed=1, rank=0, world_size=1, start_micro_step=3)

@@ -80,7 +80,7 @@ def test_memsieve_detect_on_a_run(trained, tmp_path):
                               "detection.steps=2", "detection.generations=2", "detection.seed_sets=3",
                               "triggers.enabled=true", "show=2", "mitigation.enabled=true",
                               "mitigation.target=0.05", "seed=7", f"out_dir={out}"), cwd=tmp_path)
-    lines = proc.stdout.strip().splitlines()
+    lines = proc.stdout.rstrip().splitlines()
     assert lines[-1] == str(out / "summary.json")
     summary = json.loads((out / "summary.json").read_text())
     records = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
