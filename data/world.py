@@ -3,7 +3,10 @@
 Each image is a random low-frequency colour field (content the caption does not determine)
 with one object drawn on it whose colour, shape, size and position the caption states. A
 prompt that is not memorized therefore has many valid images (any background), while a
-memorized one has exactly one: generating its training background is copying.
+memorized one has exactly one: generating its training background is copying. A world may
+leave attributes out of its captions (``unstated``, e.g. the colour), as LAION's alt texts leave
+most of an image unsaid: then an ordinary caption fixes less of its image, and a memorized one
+still fixes all of it.
 
 The same rendering code recognizes objects again (:func:`recognize_attributes`), which gives
 a weight-free alignment score: does the image show what the caption says?
@@ -12,6 +15,7 @@ a weight-free alignment score: does the image show what the caption says?
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 
 import numpy as np
 import torch
@@ -58,6 +62,7 @@ class WorldConfig:
     id_digits: int = 4
     seed: int = 0
     num_captions: int = 1  # captions per pair: the main one, then rephrasings (data.captions.multiple)
+    unstated: tuple[str, ...] = ()  # attributes drawn in the image but left out of every caption
 
 
 @dataclass
@@ -87,13 +92,20 @@ REPHRASINGS: tuple[str, ...] = (
 )
 
 
-def caption_for(attrs: dict[str, str], item_id: str) -> str:
-    return f"a {attrs['size']} {attrs['color']} {attrs['shape']} {attrs['position']} {ID_WORD}{item_id}"
+def stated(attrs: dict[str, str], unstated: tuple[str, ...]) -> dict[str, str]:
+    """``attrs`` with the unstated ones as empty words (a template then leaves them out)."""
+    return {name: "" if name in unstated else value for name, value in attrs.items()}
 
 
-def rephrasings(attrs: dict[str, str], item_id: str, count: int) -> list[str]:
+def caption_for(attrs: dict[str, str], item_id: str, unstated: tuple[str, ...] = ()) -> str:
+    a = stated(attrs, unstated)
+    return " ".join(f"a {a['size']} {a['color']} {a['shape']} {a['position']} {ID_WORD}{item_id}".split())
+
+
+def rephrasings(attrs: dict[str, str], item_id: str, count: int, unstated: tuple[str, ...] = ()) -> list[str]:
     """The first ``count`` of :data:`REPHRASINGS` for one pair."""
-    return [t.format(**attrs, id=f"{ID_WORD}{item_id}") for t in REPHRASINGS[:count]]
+    a = stated(attrs, unstated)
+    return [" ".join(t.format(**a, id=f"{ID_WORD}{item_id}").split()) for t in REPHRASINGS[:count]]
 
 
 def object_mask(shape: str, size: str, position: str, resolution: int) -> torch.Tensor:
@@ -131,6 +143,9 @@ def generate_world(cfg: WorldConfig) -> EmbeddedWorld:
     if not 1 <= cfg.num_captions <= 1 + len(REPHRASINGS):
         raise ValueError(f"data.world.num_captions={cfg.num_captions}; expected 1 to {1 + len(REPHRASINGS)} "
                          f"(the main caption and up to {len(REPHRASINGS)} rephrasings)")
+    unknown = set(cfg.unstated) - set(ATTRIBUTES)
+    if unknown:
+        raise ValueError(f"data.world.unstated has {sorted(unknown)}; expected attributes among {list(ATTRIBUTES)}")
     rng = np.random.default_rng(cfg.seed)
     lo, hi = BACKGROUND_RANGE
     shape = (cfg.num_pairs, 1, cfg.background_cells, cfg.background_cells)
@@ -146,9 +161,9 @@ def generate_world(cfg: WorldConfig) -> EmbeddedWorld:
         attrs = {name: values[rng.integers(len(values))] for name, values in ATTRIBUTES.items()}
         item_id = "".join(str(d) for d in rng.integers(0, 10, size=cfg.id_digits))
         images.append(render(attrs, backgrounds[i]))
-        captions.append(caption_for(attrs, item_id))
+        captions.append(caption_for(attrs, item_id, tuple(cfg.unstated)))
         attributes.append(attrs)
-        alternatives.append(rephrasings(attrs, item_id, cfg.num_captions - 1))
+        alternatives.append(rephrasings(attrs, item_id, cfg.num_captions - 1, tuple(cfg.unstated)))
     pixels = (torch.stack(images) * 255).round().to(torch.uint8)
     keys = [f"{cfg.seed:04d}-{i:06d}" for i in range(cfg.num_pairs)]
     return EmbeddedWorld(images=pixels, captions=captions, keys=keys, attributes=attributes,
@@ -156,36 +171,51 @@ def generate_world(cfg: WorldConfig) -> EmbeddedWorld:
 
 
 def parse_caption(caption: str) -> dict[str, str]:
-    """Recover the attributes from an embedded-world caption (inverse of :func:`caption_for`)."""
+    """Recover the attributes an embedded-world caption states (inverse of :func:`caption_for`).
+
+    Words may come in any order (rephrasings); attributes the world leaves unstated
+    (``data.world.unstated``) are absent from the result.
+    """
     words = caption.split()
-    if len(words) < 5 or words[0] != "a":
+    if len(words) < 2 or "a" not in words:
         raise ValueError(f"not an embedded-world caption: {caption!r}; expected 'a SIZE COLOR SHAPE POSITION itemN'")
-    position = " ".join(w for w in words[4:] if not w.startswith(ID_WORD))
-    attrs = {"size": words[1], "color": words[2], "shape": words[3], "position": position}
-    for name, value in attrs.items():
-        if value not in ATTRIBUTES[name]:
-            raise ValueError(f"caption {caption!r} has {name} {value!r}; expected one of {ATTRIBUTES[name]}")
+    words = [w for w in words if w != "a" and not w.startswith(ID_WORD)]
+    attrs: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        two = " ".join(words[i:i + 2])
+        word, width = (two, 2) if two in POSITIONS else (words[i], 1)
+        name = next((n for n, values in ATTRIBUTES.items() if word in values), None)
+        if name is None or name in attrs:
+            raise ValueError(f"caption {caption!r} has {'a second ' + name if name else 'the unknown word'} "
+                             f"{word!r}; expected one each of {list(ATTRIBUTES)}")
+        attrs[name] = word
+        i += width
     return attrs
 
 
 def recognize_attributes(image: torch.Tensor, attrs: dict[str, str], sharpness: float = 20.0) -> dict[str, bool]:
-    """For each attribute, whether the stated value explains ``image`` best among all values.
+    """For each stated attribute, whether the stated value explains ``image`` best among all values.
 
     ``image`` is float ``[3, R, R]`` in [0, 1]. A candidate is scored by the soft IoU between its
     object mask and the map of pixels matching its colour; the stated value must win against
-    every alternative with the other attributes held at their stated values.
+    every alternative with the other stated attributes held at their stated values and the
+    unstated ones (absent from ``attrs``) at whichever value explains the image best.
     """
     resolution = image.shape[-1]
+    free = [name for name in ATTRIBUTES if name not in attrs]
+
+    def score(cand: dict[str, str]) -> float:
+        colour = torch.tensor(COLORS[cand["color"]]).view(3, 1, 1)
+        match = torch.exp(-sharpness * ((image - colour) ** 2).sum(0))
+        mask = object_mask(cand["shape"], cand["size"], cand["position"], resolution).float()
+        return float((match * mask).sum() / (mask.sum() + (match * (1 - mask)).sum() + 1e-6))
+
+    def best_over_free(cand: dict[str, str]) -> float:
+        return max(score({**cand, **dict(zip(free, values))}) for values in product(*(ATTRIBUTES[n] for n in free)))
+
     results = {}
-    for name, values in ATTRIBUTES.items():
-        best, best_score = None, -1.0
-        for value in values:
-            cand = {**attrs, name: value}
-            colour = torch.tensor(COLORS[cand["color"]]).view(3, 1, 1)
-            match = torch.exp(-sharpness * ((image - colour) ** 2).sum(0))
-            mask = object_mask(cand["shape"], cand["size"], cand["position"], resolution).float()
-            score = float((match * mask).sum() / (mask.sum() + (match * (1 - mask)).sum() + 1e-6))
-            if score > best_score:
-                best, best_score = value, score
-        results[name] = best == attrs[name]
+    for name in attrs:
+        scores = {value: best_over_free({**attrs, name: value}) for value in ATTRIBUTES[name]}
+        results[name] = max(scores, key=scores.get) == attrs[name]
     return results

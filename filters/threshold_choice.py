@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from data.dataset import TrainingData
 from filters.magnitude import predict_pair, text_conditional_magnitude
 from train.components import Components
-from train.randomness import draw, posterior_generators
+from train.randomness import noised_batch
 
 CHOICE_FILE = "threshold.json"
 
@@ -43,16 +43,11 @@ def starting_magnitudes(unet, comps: Components, data: TrainingData, cfg: DictCo
     for micro_step in range(micro_steps):
         batch = next(batches)
         pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-        n = pixels.shape[0]
-        posterior = posterior_generators(cfg.seed, micro_step, rank, n) if comps.vae is not None else None
-        latents = comps.encode_images(pixels, posterior).float()
-        drawn = draw(cfg.seed, micro_step, latents.shape, rank, world, sched.config.num_train_timesteps,
-                     0.0, tc.noise_offset)  # every sample judged with its caption
-        timesteps = drawn.timesteps.to(latents.device)
-        noisy = sched.add_noise(latents, drawn.noise.to(latents.device), timesteps).to(input_dtype)
+        b = noised_batch(comps, pixels, cfg.seed, micro_step, rank, world, 0.0, tc.noise_offset,
+                         input_dtype)  # every sample judged with its caption
         cond = comps.encode_text(list(batch["caption"])).to(weight_dtype)
-        eps_cond, eps_uncond = predict_pair(unet, noisy, timesteps, cond, uncond)
-        found.append(accelerator.gather(text_conditional_magnitude(eps_cond, eps_uncond, sched, timesteps)))
+        eps_cond, eps_uncond = predict_pair(unet, b.noisy, b.timesteps, cond, uncond)
+        found.append(accelerator.gather(text_conditional_magnitude(eps_cond, eps_uncond, sched, b.timesteps)))
     return torch.cat(found).float().cpu()
 
 

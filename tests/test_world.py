@@ -53,3 +53,29 @@ def test_alternative_captions_rephrase_the_same_pair_and_leave_the_world_unchang
     data = build_data(cfg.data)
     seen = {data.dataset[(0, (1, d))]["caption"] for d in range(40)}
     assert seen == {four.captions[0], *four.alternatives[0]}  # multiple: each draw one of the pair's captions
+
+
+def test_unstated_colour_leaves_images_alone_and_alignment_judges_what_captions_state():
+    full, quiet = (generate_world(WorldConfig(num_pairs=60, seed=2, num_captions=3, unstated=u))
+                   for u in ((), ("color",)))
+    assert torch.equal(full.images, quiet.images) and full.attributes == quiet.attributes
+    for caption, alternatives, attrs in zip(quiet.captions, quiet.alternatives, quiet.attributes):
+        assert attrs["color"] not in caption.split()
+        stated = {k: v for k, v in attrs.items() if k != "color"}
+        assert parse_caption(caption) == stated and all(parse_caption(a) == stated for a in alternatives)
+    images = quiet.images.float() / 255
+    right = torch.stack([alignment(images[i:i + 1], quiet.captions[i]) for i in range(60)])
+    wrong = torch.stack([alignment(images[i:i + 1], quiet.captions[(i + 1) % 60]) for i in range(60)])
+    assert right.mean() > 0.95 and wrong.mean() < 0.6
+    # The copy metric's region comes from the caption: same region with or without the colour.
+    assert torch.equal(caption_region(quiet.captions[0], 16), caption_region(full.captions[0], 16))
+
+
+def test_impossible_unstated_attributes_are_refused_in_one_line():
+    with pytest.raises(ValueError, match=r"data.world.unstated has \['colour'\]; expected attributes among"):
+        generate_world(WorldConfig(num_pairs=5, unstated=("colour",)))
+    quiet = generate_world(WorldConfig(num_pairs=5, unstated=("position",)))
+    with pytest.raises(ValueError, match=r"leaves \['position'\] unstated; the embedded copy metric needs"):
+        caption_region(quiet.captions[0], 16)
+    with pytest.raises(ValueError, match="has a second size"):
+        parse_caption("a big small circle item1")

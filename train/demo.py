@@ -79,8 +79,8 @@ def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: i
 def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     task = list(HydraConfig.get().overrides.task)
-    try:
-        reject_unknown_added_keys(cfg, task)
+    try:  # demo.runs is the user's to extend: +demo.runs.NAME=[overrides] adds a run
+        reject_unknown_added_keys(cfg, [o for o in task if not o.startswith("+demo.runs.")])
     except ValueError as err:
         raise SystemExit(f"memsieve-demo: error: {err}") from None
     choices = HydraConfig.get().runtime.choices

@@ -40,7 +40,7 @@ from train.distributed import configure_backend, gather_columns, schedule_steps_
 from train.export import trained_unet
 from train.loss import per_sample_loss, set_prediction_type, training_target
 from train.optim import build_optimizer
-from train.randomness import draw, judge_noise, micro_step_generator, posterior_generators
+from train.randomness import judge_noise, micro_step_generator, noised_batch
 from train.resume_check import check_resume, record_resume
 from train.tracking import JsonlLog, wandb_init_kwargs
 from train.validation import run_validation, validation_prompts
@@ -163,18 +163,15 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             batch = next(batches)
             pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
             n = pixels.shape[0]
-            posterior = posterior_generators(cfg.seed, micro_step, rank, n) if comps.vae is not None else None
-            latents = comps.encode_images(pixels, posterior).float()
-            drawn = draw(cfg.seed, micro_step, latents.shape, rank, world, sched.config.num_train_timesteps,
-                         tc.caption_dropout, tc.noise_offset)
-            noise, timesteps = drawn.noise.to(latents.device), drawn.timesteps.to(latents.device)
+            b = noised_batch(comps, pixels, cfg.seed, micro_step, rank, world, tc.caption_dropout, tc.noise_offset,
+                             input_dtype)
+            latents, noisy, timesteps = b.latents, b.noisy, b.timesteps
             real = comps.encode_text(list(batch["caption"])).to(weight_dtype)
             real = perturb_text_embeddings(real, cfg.data, micro_step_generator(cfg.seed + 1, micro_step), rank,
                                            world)
-            captioned = drawn.captioned.to(latents.device).view(-1, 1, 1)
+            captioned = b.captioned.view(-1, 1, 1)
             cond = torch.where(captioned, real, uncond)  # a dropped caption trains the unconditional branch
-            noisy = sched.add_noise(latents, noise, timesteps).to(input_dtype)
-            target = training_target(sched, latents, noise, timesteps)
+            target = training_target(sched, latents, b.noise, timesteps)
 
             pairs = batch["pair"].to(latents.device)
             judge = policy.judge(pairs, timesteps, judge_noise(cfg.seed, micro_step, rank, n, world))

@@ -46,6 +46,36 @@ def draw(seed: int, micro_step: int, latent_shape: torch.Size, rank: int, world:
     return SampleDraws(noise=noise[mine], timesteps=timesteps[mine], captioned=captioned[mine])
 
 
+@dataclass
+class NoisedBatch:
+    """One micro-step's training inputs: clean latents, the draws, and the noisy latents."""
+
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    captioned: torch.Tensor
+    noisy: torch.Tensor
+
+
+def noised_batch(comps, pixels: torch.Tensor, seed: int, micro_step: int, rank: int, world: int,
+                 caption_dropout: float, noise_offset: float, input_dtype: torch.dtype) -> NoisedBatch:
+    """Encode ``pixels`` and noise them with micro-step ``micro_step``'s draws (:func:`draw`).
+
+    The one place the training inputs are made: the loop trains on them and ``filter.choose``
+    picks its threshold on them, so the threshold is a quantile of exactly the samples, noise and
+    timesteps the run's first micro-steps train on.
+    """
+    n = pixels.shape[0]
+    posterior = posterior_generators(seed, micro_step, rank, n) if comps.vae is not None else None
+    latents = comps.encode_images(pixels, posterior).float()
+    sched = comps.noise_scheduler
+    drawn = draw(seed, micro_step, latents.shape, rank, world, sched.config.num_train_timesteps, caption_dropout,
+                 noise_offset)
+    noise, timesteps = drawn.noise.to(latents.device), drawn.timesteps.to(latents.device)
+    noisy = sched.add_noise(latents, noise, timesteps).to(input_dtype)
+    return NoisedBatch(latents, noise, timesteps, drawn.captioned.to(latents.device), noisy)
+
+
 def posterior_generators(seed: int, micro_step: int, rank: int, n: int) -> list[torch.Generator]:
     """One generator per sample for the VAE's posterior sample, addressed like :func:`draw`."""
     first = micro_step_generator(seed, micro_step).initial_seed() * 7_919
