@@ -100,13 +100,18 @@ class TimestepCalibrated(FilterPolicy):
     ``judge_fraction`` < 1 only that fraction of each rank's batch is judged (the extra forward),
     preferring pairs with the fewest judgements in the judged timestep range; every sample is
     decided from memory either way.
+
+    With ``sticky`` a pair once dropped stays dropped. Per pair, a duplicated pair's average
+    hovers at the limit: each time training on it stops, its magnitude sinks back under the limit
+    and it is trained on again, so it is dropped in only 40% to 100% of its samples window to
+    window (BENCHMARKS.md). Dropping it for good, as deduplication would, ends that cycle.
     """
 
     def __init__(self, num_train_timesteps: int, num_pairs: int, z: float = 3.0, buckets: int = 20,
                  window: int = 256, min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,
                  start_step: int = 0, memory_decay: float = 0.2, min_observations: int = 3,
                  min_prompts: int = 50, drop_observations: int = 3, judge_fraction: float = 1.0,
-                 quantile: str = "auto"):
+                 quantile: str = "auto", sticky: bool = False):
         if buckets < 1 or window < min_samples or min_samples < 1:
             raise ValueError(
                 f"filter needs buckets >= 1 and window >= min_samples >= 1, got {buckets}, {window}, {min_samples}"
@@ -122,17 +127,18 @@ class TimestepCalibrated(FilterPolicy):
         self.min_timestep = min_timestep
         self.max_timestep = num_train_timesteps - 1 if max_timestep is None else max_timestep
         self.memory_decay, self.min_observations, self.min_prompts = memory_decay, min_observations, min_prompts
-        self.drop_observations, self.judge_fraction = drop_observations, judge_fraction
+        self.drop_observations, self.judge_fraction, self.sticky = drop_observations, judge_fraction, sticky
         self.values = torch.full((buckets, window), float("nan"))
         self.cursor = torch.zeros(buckets, dtype=torch.long)
         self.count = torch.zeros(num_pairs, dtype=torch.int32)  # judgements per pair
         self.average = torch.zeros(num_pairs, dtype=torch.float32)  # average relative magnitude per pair
+        self.dropped = torch.zeros(num_pairs, dtype=torch.bool)  # pairs dropped for good (sticky only)
         self.population: ExactLimit | HistogramLimit = build_limit(quantile, num_pairs)
         self._medians: torch.Tensor | None = None  # caches, reset by observe()
         self._limit: torch.Tensor | None = None
 
     def to(self, device):
-        for name in ("values", "cursor", "count", "average"):
+        for name in ("values", "cursor", "count", "average", "dropped"):
             setattr(self, name, getattr(self, name).to(device))
         if isinstance(self.population, HistogramLimit):
             self.population.to(device)
@@ -171,7 +177,7 @@ class TimestepCalibrated(FilterPolicy):
         """Which of ``pairs`` the memory drops: judged often enough and above the limit."""
         p = pairs.to(self.count.device).long()
         needed = max(self.min_observations, self.drop_observations)
-        return (self.count[p] >= needed) & (self.average[p] > self.prompt_limit())
+        return ((self.count[p] >= needed) & (self.average[p] > self.prompt_limit())) | self.dropped[p]
 
     def judge(self, pairs, timesteps, noise):
         n = pairs.numel()
@@ -196,6 +202,11 @@ class TimestepCalibrated(FilterPolicy):
         magnitude = magnitude.float().to(self.values.device)
         valid = valid.to(self.values.device).bool() & ~magnitude.isnan()
         bucket = self.bucket_of(timesteps)
+        if pairs is not None and self.sticky:
+            # The pairs keep() just dropped, from the state it used: every rank observes the same
+            # gathered batch, so every rank marks the same pairs.
+            p = pairs.to(self.count.device).long()
+            self.dropped[p[self.remembered(p)]] = True
         if pairs is not None:
             rel = self.relative(magnitude, timesteps)
             use = valid & self.judged(timesteps) & ~rel.isnan()
@@ -242,7 +253,7 @@ class TimestepCalibrated(FilterPolicy):
 
     def state_dict(self):
         return {"values": self.values.clone(), "cursor": self.cursor.clone(), "count": self.count.clone(),
-                "average": self.average.clone()}
+                "average": self.average.clone(), "dropped": self.dropped.clone()}
 
     def load_state_dict(self, state):
         if "count" not in state:
@@ -253,6 +264,8 @@ class TimestepCalibrated(FilterPolicy):
                              f"has {self.count.numel()}")
         for name in ("values", "cursor", "count", "average"):
             getattr(self, name).copy_(state[name])
+        if "dropped" in state:  # absent from checkpoints written before filter.sticky existed: none dropped yet
+            self.dropped.copy_(state["dropped"])
         self.population.rebuild(self.count, self.average, self.min_observations)
         self._medians = self._limit = None
 
@@ -267,7 +280,8 @@ def build_policy(cfg: DictConfig, num_train_timesteps: int, num_pairs: int) -> F
         return TimestepCalibrated(num_train_timesteps, num_pairs, cfg.z, cfg.buckets, cfg.window, cfg.min_samples,
                                   cfg.min_timestep, cfg.max_timestep, cfg.start_step, cfg.memory_decay,
                                   cfg.min_observations, cfg.min_prompts, cfg.drop_observations,
-                                  cfg.get("judge_fraction", 1.0), cfg.get("quantile", "auto"))
+                                  cfg.get("judge_fraction", 1.0), cfg.get("quantile", "auto"),
+                                  cfg.get("sticky", False))
     raise ValueError(f"filter.kind={cfg.kind!r}; expected 'none', 'threshold' or 'calibrated'")
 
 

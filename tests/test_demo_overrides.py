@@ -21,6 +21,6 @@ def test_the_fine_tune_preset_loads_the_shipped_base_and_user_settings_win():
     assert (ASSETS / "embedded_base" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert cfg.train.steps == 50 and cfg.train.caption_dropout == 0.0
     assert cfg.filter.kind == "threshold" and cfg.filter.choose.quantile == 0.99
-    own = ["filter=calibrated", "filter.min_observations=2"]
+    own = ["filter=calibrated", "filter.min_observations=2", "filter.sticky=true"]
     calibrated = compose_train([*run_overrides(task, "embedded_finetune", own, True), "run_dir=x"])
-    assert calibrated.filter.z == 1.0 and calibrated.filter.min_observations == 2
+    assert calibrated.filter.z == 1.0 and calibrated.filter.min_observations == 2 and calibrated.filter.sticky

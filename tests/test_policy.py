@@ -181,3 +181,25 @@ def test_judge_fraction_measures_the_least_judged_pairs_in_the_judged_range():
     assert calibrated().judge(pairs, t, noise).all()  # judge_fraction 1: every sample
     with pytest.raises(ValueError, match="judge_fraction=0"):
         calibrated(judge_fraction=0)
+
+
+def test_sticky_keeps_a_dropped_pair_out_after_its_average_sinks_and_survives_a_resume():
+    def after_sinking(policy):
+        calibrate_population(policy)
+        loud, t, valid = torch.tensor([1000]), torch.tensor([800]), torch.tensor([True])
+        for _ in range(2):
+            policy.observe(torch.tensor([3.0]), t, valid, loud)
+        assert not policy.keep(torch.ones(1), t, step=0, pairs=loud).any()
+        policy.observe(torch.tensor([3.0]), t, valid, loud)  # the step that dropped it is observed
+        for _ in range(6):  # no longer trained on, its magnitude falls back among the others
+            policy.observe(torch.tensor([1.0]), t, valid, loud)
+        assert policy.average[1000] < policy.prompt_limit()
+        return policy, bool(policy.keep(torch.ones(1), t, step=0, pairs=loud))
+
+    assert after_sinking(calibrated())[1]  # the default: back in the loss
+    sticky, kept = after_sinking(calibrated(sticky=True))
+    assert not kept and sticky.dropped.sum() == 1
+    resumed = calibrated(sticky=True)
+    resumed.load_state_dict(sticky.state_dict())
+    keep = resumed.keep(torch.ones(2), torch.tensor([800, 800]), step=0, pairs=torch.tensor([1000, 3]))
+    assert keep.tolist() == [False, True]

@@ -39,7 +39,7 @@ def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*MICRO, "train.steps=8", "train.checkpoint_every=4", "eval.enabled=false",
               "filter=calibrated", "filter.min_samples=4", "filter.min_prompts=2", "filter.min_observations=1",
-              "filter.drop_observations=1",
+              "filter.drop_observations=1", "filter.sticky=true",  # the dropped-for-good set resumes too
               "filter.min_timestep=0", "filter.z=0.5", "filter.buckets=2", "train.ema.enabled=true",
               "logging.wandb.enabled=false"]
     run_cli(python_cli("train", *common, f"run_dir={full}"), cwd=tmp_path)
@@ -176,7 +176,8 @@ def test_image_only_duplicates_pool_their_judgements_by_pair(tmp_path):
 
 def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
     """2 gloo ranks, calibrated filter judging half of each rank's batch: replaying the gathered
-    log through one policy reproduces both ranks' decisions, so both ranks held that one state."""
+    log through one policy reproduces both ranks' decisions, so both ranks held that one state
+    (with sticky drops, so both marked the same pairs as dropped for good)."""
     from omegaconf import OmegaConf
 
     from filters.policy import build_policy
@@ -187,7 +188,7 @@ def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
                        "logging.wandb.enabled=false", "logging.decisions=true", "filter=calibrated",
                        "filter.judge_fraction=0.5", "filter.buckets=2", "filter.min_samples=2",
                        "filter.min_timestep=0", "filter.min_observations=1", "filter.min_prompts=2",
-                       "filter.drop_observations=1", "filter.z=0", f"run_dir={tmp_path}"),
+                       "filter.drop_observations=1", "filter.z=0", "filter.sticky=true", f"run_dir={tmp_path}"),
             cwd=tmp_path, timeout=400, env={"ACCELERATE_USE_CPU": "1"})
     cfg = OmegaConf.load(tmp_path / "config.yaml")
     policy = build_policy(cfg.filter, 1000, cfg.data.world.num_pairs)
