@@ -136,6 +136,7 @@ class TimestepCalibrated(FilterPolicy):
         self.population: ExactLimit | HistogramLimit = build_limit(quantile, num_pairs)
         self._medians: torch.Tensor | None = None  # caches, reset by observe()
         self._limit: torch.Tensor | None = None
+        self._dropping = False  # whether the last keep() could drop (step >= start_step): sticky marks only then
 
     def to(self, device):
         for name in ("values", "cursor", "count", "average", "dropped"):
@@ -192,7 +193,8 @@ class TimestepCalibrated(FilterPolicy):
         return chosen.to(pairs.device)
 
     def keep(self, magnitude, timesteps, step, pairs=None):
-        if step < self.start_step:
+        self._dropping = step >= self.start_step
+        if not self._dropping:
             return super().keep(magnitude, timesteps, step)
         if pairs is None:
             raise ValueError("filter=calibrated needs the batch's pair indices; the loop passes batch['pair']")
@@ -202,7 +204,7 @@ class TimestepCalibrated(FilterPolicy):
         magnitude = magnitude.float().to(self.values.device)
         valid = valid.to(self.values.device).bool() & ~magnitude.isnan()
         bucket = self.bucket_of(timesteps)
-        if pairs is not None and self.sticky:
+        if pairs is not None and self.sticky and self._dropping:
             # The pairs keep() just dropped, from the state it used: every rank observes the same
             # gathered batch, so every rank marks the same pairs.
             p = pairs.to(self.count.device).long()

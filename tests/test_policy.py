@@ -203,3 +203,16 @@ def test_sticky_keeps_a_dropped_pair_out_after_its_average_sinks_and_survives_a_
     resumed.load_state_dict(sticky.state_dict())
     keep = resumed.keep(torch.ones(2), torch.tensor([800, 800]), step=0, pairs=torch.tensor([1000, 3]))
     assert keep.tolist() == [False, True]
+
+
+def test_sticky_marks_nothing_before_start_step():
+    policy = calibrated(sticky=True, start_step=5)
+    calibrate_population(policy)
+    loud, t, valid = torch.tensor([1000]), torch.tensor([800]), torch.tensor([True])
+    for step in range(3):
+        assert policy.keep(torch.ones(1), t, step=step, pairs=loud).all()
+        policy.observe(torch.tensor([3.0]), t, valid, loud)
+    assert not policy.dropped.any()  # loud, but not dropped before start_step: not dropped for good either
+    for _ in range(6):
+        policy.observe(torch.tensor([1.0]), t, valid, loud)
+    assert policy.keep(torch.ones(1), t, step=5, pairs=loud).all()
