@@ -39,7 +39,7 @@ def replay(run_dir: Path, quantile: str) -> dict:
         samples += keep.numel()
         dropped.update(pairs[~keep].tolist())
         logged_dropped.update(pairs[~logged].tolist())
-        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs)
+        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs, keep)
     return {"quantile": quantile, "samples": samples, "decisions_differing_from_log": differ,
             "pairs_dropped": len(dropped), "pairs_dropped_in_log": len(logged_dropped),
             "pairs_dropped_only_here": len(dropped - logged_dropped),

@@ -71,7 +71,8 @@ def main() -> None:
     manifest = json.loads((args.run / "manifest.json").read_text())
     dup = [world.keys.index(k) for k in manifest["counts"]]
     gen = torch.Generator().manual_seed(args.seed)
-    others = [i for i in torch.randperm(len(world.keys), generator=gen).tolist() if i not in set(dup)][:args.other]
+    duplicated = set(dup)
+    others = [i for i in torch.randperm(len(world.keys), generator=gen).tolist() if i not in duplicated][:args.other]
     chosen = dup + others
     is_dup = np.array([True] * len(dup) + [False] * len(others))
     x0 = world.images[chosen].float() / 127.5 - 1

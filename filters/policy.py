@@ -44,8 +44,9 @@ class FilterPolicy:
         return torch.ones_like(magnitude, dtype=torch.bool)
 
     def observe(self, magnitude: torch.Tensor, timesteps: torch.Tensor, valid: torch.Tensor,
-                pairs: torch.Tensor | None = None) -> None:
-        """Update running statistics with the whole (all-rank) batch."""
+                pairs: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> None:
+        """Update running statistics with the whole (all-rank) batch; ``kept`` is what ``keep``
+        decided for it, gathered like the rest (``None``: nothing was dropped)."""
 
     def state_dict(self) -> dict:
         return {}
@@ -136,7 +137,6 @@ class TimestepCalibrated(FilterPolicy):
         self.population: ExactLimit | HistogramLimit = build_limit(quantile, num_pairs)
         self._medians: torch.Tensor | None = None  # caches, reset by observe()
         self._limit: torch.Tensor | None = None
-        self._dropping = False  # whether the last keep() could drop (step >= start_step): sticky marks only then
 
     def to(self, device):
         for name in ("values", "cursor", "count", "average", "dropped"):
@@ -193,22 +193,19 @@ class TimestepCalibrated(FilterPolicy):
         return chosen.to(pairs.device)
 
     def keep(self, magnitude, timesteps, step, pairs=None):
-        self._dropping = step >= self.start_step
-        if not self._dropping:
+        if step < self.start_step:
             return super().keep(magnitude, timesteps, step)
         if pairs is None:
             raise ValueError("filter=calibrated needs the batch's pair indices; the loop passes batch['pair']")
         return ~self.remembered(pairs).to(magnitude.device)
 
-    def observe(self, magnitude, timesteps, valid, pairs=None):
+    def observe(self, magnitude, timesteps, valid, pairs=None, kept=None):
         magnitude = magnitude.float().to(self.values.device)
         valid = valid.to(self.values.device).bool() & ~magnitude.isnan()
         bucket = self.bucket_of(timesteps)
-        if pairs is not None and self.sticky and self._dropping:
-            # The pairs keep() just dropped, from the state it used: every rank observes the same
-            # gathered batch, so every rank marks the same pairs.
-            p = pairs.to(self.count.device).long()
-            self.dropped[p[self.remembered(p)]] = True
+        if pairs is not None and self.sticky and kept is not None:
+            # Every rank observes the same gathered batch and decisions, so every rank marks the same pairs.
+            self.dropped[pairs.to(self.count.device).long()[~kept.to(self.count.device).bool()]] = True
         if pairs is not None:
             rel = self.relative(magnitude, timesteps)
             use = valid & self.judged(timesteps) & ~rel.isnan()

@@ -189,8 +189,9 @@ def test_sticky_keeps_a_dropped_pair_out_after_its_average_sinks_and_survives_a_
         loud, t, valid = torch.tensor([1000]), torch.tensor([800]), torch.tensor([True])
         for _ in range(2):
             policy.observe(torch.tensor([3.0]), t, valid, loud)
-        assert not policy.keep(torch.ones(1), t, step=0, pairs=loud).any()
-        policy.observe(torch.tensor([3.0]), t, valid, loud)  # the step that dropped it is observed
+        keep = policy.keep(torch.ones(1), t, step=0, pairs=loud)
+        assert not keep.any()
+        policy.observe(torch.tensor([3.0]), t, valid, loud, keep)  # the step that dropped it is observed
         for _ in range(6):  # no longer trained on, its magnitude falls back among the others
             policy.observe(torch.tensor([1.0]), t, valid, loud)
         assert policy.average[1000] < policy.prompt_limit()
@@ -210,8 +211,9 @@ def test_sticky_marks_nothing_before_start_step():
     calibrate_population(policy)
     loud, t, valid = torch.tensor([1000]), torch.tensor([800]), torch.tensor([True])
     for step in range(3):
-        assert policy.keep(torch.ones(1), t, step=step, pairs=loud).all()
-        policy.observe(torch.tensor([3.0]), t, valid, loud)
+        keep = policy.keep(torch.ones(1), t, step=step, pairs=loud)
+        assert keep.all()
+        policy.observe(torch.tensor([3.0]), t, valid, loud, keep)
     assert not policy.dropped.any()  # loud, but not dropped before start_step: not dropped for good either
     for _ in range(6):
         policy.observe(torch.tensor([1.0]), t, valid, loud)

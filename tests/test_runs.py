@@ -197,7 +197,8 @@ def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
     for r in records:
         magnitude, t, pairs = torch.tensor(r["magnitude"]), torch.tensor(r["t"]), torch.tensor(r["pair"])
         assert (~magnitude.isnan()).view(2, 2).sum(dim=1).tolist() == [1, 1]  # one judged sample per rank
-        assert policy.keep(magnitude, t, r["step"] - 1, pairs).tolist() == r["keep"]
-        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs)
+        keep = policy.keep(magnitude, t, r["step"] - 1, pairs)
+        assert keep.tolist() == r["keep"]
+        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs, keep)
     kept = [k for r in records for k in r["keep"]]
     assert any(kept) and not all(kept)

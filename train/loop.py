@@ -189,7 +189,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                 dup = batch["duplicated"].to(latents.device)
                 g_mag, g_t, g_valid, g_keep, g_dup, g_pairs = gather_columns(
                     accelerator, magnitude, timesteps, ~magnitude.isnan(), keep, dup, pairs)
-                policy.observe(g_mag, g_t, g_valid, g_pairs)
+                policy.observe(g_mag, g_t, g_valid, g_pairs, g_keep)
                 counts.add(g_dup.cpu(), g_keep.cpu())
                 step_kept += int(g_keep.sum())
                 # Min-SNR weights are per sample, so the filter drops each with its own loss.
