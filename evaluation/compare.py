@@ -39,6 +39,9 @@ TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/gap",
               "alignment/duplicated", "alignment/other", "detection/auc", "detection/auc_std",
               "detection/tpr_at_1pct_fpr", "detection/tpr_at_1pct_fpr_std",
               "filter/dropped_fraction/duplicated", "filter/dropped_fraction/other", "timing/seconds_per_step")
+# Per detection setting (eval.detection.settings: the paper's first step x 1 generation and the
+# first 10 steps x 4 generations by default), beside detection/auc, which is the default setting's.
+SETTING_KEYS = ("auc", "auc_std", "tpr_at_1pct_fpr")
 # What the duplication plot calls memorization: similarity to the own training image, and the
 # nearest-neighbour convention when the runs have it.
 MEMORIZATION_KEYS = {"copy/duplicated": "similarity to own training image",
@@ -59,6 +62,13 @@ class Run:
     def __post_init__(self):
         self.metrics = flatten(self.summary)
         self.filter = self.filter or self.metrics.get("filter/kind")
+
+
+def table_keys(runs: list[Run]) -> list[str]:
+    """:data:`TABLE_KEYS`, then :data:`SETTING_KEYS` for every detection setting some run has."""
+    settings = dict.fromkeys(k.split("/")[2] for r in runs for k in r.metrics
+                             if k.startswith("detection/settings/") and k.endswith("/auc"))
+    return [*TABLE_KEYS, *(f"detection/settings/{name}/{key}" for name in settings for key in SETTING_KEYS)]
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -118,16 +128,17 @@ def load_runs(paths: list[Path]) -> list[Run]:
 
 def write_table(out: Path, runs: list[Run]) -> None:
     """``comparison.csv`` (one row per run, for plotting tools) and ``comparison.md`` (one row per metric)."""
+    keys = table_keys(runs)
     with (out / "comparison.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["run", "filter", "copies", *TABLE_KEYS, "directory"])
+        writer = csv.DictWriter(f, fieldnames=["run", "filter", "copies", *keys, "directory"])
         writer.writeheader()
         for r in runs:
             writer.writerow({"run": r.name, "filter": r.filter, "copies": r.copies, "directory": r.directory,
-                             **{k: r.metrics.get(k) for k in TABLE_KEYS}})
+                             **{k: r.metrics.get(k) for k in keys}})
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(fmt(r.metrics.get(k)) for r in runs) + " |"
-              for k in TABLE_KEYS if any(r.metrics.get(k) is not None for r in runs)]
+              for k in keys if any(r.metrics.get(k) is not None for r in runs)]
     (out / "comparison.md").write_text("\n".join(lines) + "\n")
 
 
@@ -199,10 +210,11 @@ def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: Dict
     for a sweep, memorization lines."""
     import wandb
 
-    columns = ["run", "filter", "copies", *TABLE_KEYS]
+    keys = table_keys(runs)
+    columns = ["run", "filter", "copies", *keys]
     with wandb.init(project=wandb_cfg.project, entity=wandb_cfg.get("entity"), dir=str(out),
                     mode=wandb_mode(wandb_cfg.mode), name=f"{out.name}-comparison", job_type="comparison") as w:
-        rows = [[r.name, r.filter, r.copies, *(r.metrics.get(k) for k in TABLE_KEYS)] for r in runs]
+        rows = [[r.name, r.filter, r.copies, *(r.metrics.get(k) for k in keys)] for r in runs]
         table = wandb.Table(columns=columns, data=rows)
         logged = {"comparison/table": table,
                   "comparison/tradeoff": wandb.plot.scatter(table, "alignment/duplicated", "copy/duplicated",

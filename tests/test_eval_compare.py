@@ -53,8 +53,13 @@ def test_memsieve_compare_writes_table_plots_and_wandb(sweep, tmp_path):
             summary["copy"]["nearest"]["duplicated"]["mean_max"])
     table = (out / "comparison.md").read_text().splitlines()
     assert table[0] == "| metric | copies=3 | copies=6 |"
+    settings = summaries[0]["detection"]["settings"]
     assert {line.split(" | ")[0] for line in table[2:]} >= {"| copy/duplicated", "| copy/nearest/duplicated/p95",
-                                                            "| alignment/duplicated", "| detection/auc"}
+                                                            "| alignment/duplicated", "| detection/auc",
+                                                            *(f"| detection/settings/{s}/auc" for s in settings)}
+    for row, summary in zip(rows, summaries):  # each detection setting's AUC, not only the default one
+        for name, setting in summary["detection"]["settings"].items():
+            assert float(row[f"detection/settings/{name}/auc"]) == pytest.approx(setting["auc"])
     assert (out / "comparison.png").stat().st_size > 0 and (out / "duplication.png").stat().st_size > 0
     run = next((out / "wandb").glob("offline-run-*"))
     logged = [p.name for p in run.rglob("*.table.json")]
