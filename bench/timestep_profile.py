@@ -30,29 +30,51 @@ from train.components import load_pretrained
 TIMESTEPS = (20, 100, 200, 300, 400, 500, 600, 700, 800, 900, 980)
 
 
+def branch_predictions(comps, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
+                       t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Magnitudes ``[noises, N]`` and each branch's epsilon MSE ``[noises, N]`` at timestep ``t``."""
+    alpha_bar = comps.noise_scheduler.alphas_cumprod
+    mags, mse_c, mse_u = [], [], []
+    for eps in noise:
+        noisy = alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * eps
+        tt = torch.full((len(x0),), t)
+        with torch.no_grad():
+            pred_c, pred_u = predict_pair(comps.unet, noisy, tt, cond, uncond)
+        mags.append(text_conditional_magnitude(pred_c, pred_u, comps.noise_scheduler, tt))
+        mse_c.append(((pred_c - eps) ** 2).flatten(1).mean(1))
+        mse_u.append(((pred_u - eps) ** 2).flatten(1).mean(1))
+    return torch.stack(mags), torch.stack(mse_c), torch.stack(mse_u)
+
+
 def profile(model: Path, x0: torch.Tensor, captions: list[str], is_dup: np.ndarray, noise: torch.Tensor,
-            timesteps: tuple[int, ...]) -> list[dict]:
+            timesteps: tuple[int, ...], per_pair: int | None) -> tuple[list[dict], np.ndarray | None]:
+    """Per-timestep rows, and with ``per_pair`` each pair's mean magnitude at that timestep."""
     comps = load_pretrained(str(model), local_files_only=True)
     cond, uncond = comps.encode_text(captions), comps.encode_text([""])
-    alpha_bar = comps.noise_scheduler.alphas_cumprod
-    rows = []
+    rows, pairs = [], None
     for j, t in enumerate(timesteps):
-        mags, mse_c, mse_u = [], [], []
-        for eps in noise[j]:
-            noisy = alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * eps
-            tt = torch.full((len(captions),), t)
-            with torch.no_grad():
-                pred_c, pred_u = predict_pair(comps.unet, noisy, tt, cond, uncond)
-            mags.append(text_conditional_magnitude(pred_c, pred_u, comps.noise_scheduler, tt))
-            mse_c.append(((pred_c - eps) ** 2).flatten(1).mean(1))
-            mse_u.append(((pred_u - eps) ** 2).flatten(1).mean(1))
-        m = torch.stack(mags).numpy()
+        mags, mse_c, mse_u = branch_predictions(comps, x0, cond, uncond, noise[j], t)
+        m = mags.numpy()
+        if t == per_pair:
+            pairs = m.mean(0)
         other = ~is_dup
         rows.append({"t": t, "duplicated": float(m[:, is_dup].mean()), "other": float(m[:, other].mean()),
                      "auc": float(roc_auc_score(np.tile(is_dup, len(m)), m.ravel())),
-                     "other_mse_cond": float(torch.stack(mse_c)[:, other].mean()),
-                     "other_mse_uncond": float(torch.stack(mse_u)[:, other].mean())})
-    return rows
+                     "other_mse_cond": float(mse_c[:, other].mean()),
+                     "other_mse_uncond": float(mse_u[:, other].mean())})
+    return rows, pairs
+
+
+def print_pairs(pairs: np.ndarray, captions: list[str], is_dup: np.ndarray, t: int) -> None:
+    """Each duplicated pair's magnitude and where it ranks among the other pairs': a pair near the
+    others' median is one the model did not single out, whatever the group's mean says."""
+    others = pairs[~is_dup]
+    print(f"\nPer duplicated pair at t={t} (mean over noises; other pairs: median {np.median(others):.3f}, "
+          f"p90 {np.quantile(others, 0.9):.3f}, max {others.max():.3f})\n")
+    print("| caption | magnitude | share of other pairs below |")
+    print("|---|---|---|")
+    for i in np.flatnonzero(is_dup):
+        print(f"| {captions[i]} | {pairs[i]:.3f} | {(others < pairs[i]).mean():.2f} |")
 
 
 def main() -> None:
@@ -62,6 +84,9 @@ def main() -> None:
     parser.add_argument("--other", type=int, default=100, help="other pairs measured")
     parser.add_argument("--noises", type=int, default=4, help="noise draws per pair and timestep")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-pair", type=int, choices=TIMESTEPS, default=None,
+                        help="also list each duplicated pair's magnitude at this timestep (980: about the first "
+                             "sampling step's)")
     args = parser.parse_args()
     for name in ("config.yaml", "manifest.json"):
         if not (args.run / name).is_file():
@@ -77,13 +102,17 @@ def main() -> None:
     is_dup = np.array([True] * len(dup) + [False] * len(others))
     x0 = world.images[chosen].float() / 127.5 - 1
     noise = torch.randn(len(TIMESTEPS), args.noises, *x0.shape, generator=gen)
+    captions = [world.captions[i] for i in chosen]
     for model in args.models:
         print(f"\n**{model}** ({len(dup)} duplicated, {len(others)} other pairs, {args.noises} noises each)\n")
         print("| t | duplicated | other | ratio | per-sample AUC | other eps-MSE cond / uncond |")
         print("|---|---|---|---|---|---|")
-        for r in profile(model, x0, [world.captions[i] for i in chosen], is_dup, noise, TIMESTEPS):
+        rows, pairs = profile(model, x0, captions, is_dup, noise, TIMESTEPS, args.per_pair)
+        for r in rows:
             print(f"| {r['t']} | {r['duplicated']:.3f} | {r['other']:.3f} | {r['duplicated'] / r['other']:.2f}x | "
                   f"{r['auc']:.3f} | {r['other_mse_cond']:.4f} / {r['other_mse_uncond']:.4f} |", flush=True)
+        if pairs is not None:
+            print_pairs(pairs, captions, is_dup, args.per_pair)
 
 
 if __name__ == "__main__":
