@@ -36,12 +36,14 @@ TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/gap",
               "copy/nearest/duplicated/mean_max", "copy/nearest/duplicated/p95",
               "copy/nearest/duplicated/above_threshold", "copy/nearest/duplicated/own_is_nearest",
               "copy/nearest/other/mean_max", "copy/nearest/other/p95", "copy/nearest/other/above_threshold",
-              "alignment/duplicated", "alignment/other", "detection/auc", "detection/auc_std",
-              "detection/tpr_at_1pct_fpr", "detection/tpr_at_1pct_fpr_std",
+              "alignment/duplicated", "alignment/other",
               "filter/dropped_fraction/duplicated", "filter/dropped_fraction/other", "timing/seconds_per_step")
-# Per detection setting (eval.detection.settings: the paper's first step x 1 generation and the
-# first 10 steps x 4 generations by default), beside detection/auc, which is the default setting's.
-SETTING_KEYS = ("auc", "auc_std", "tpr_at_1pct_fpr")
+# Detection rows come per setting (eval.detection.settings: the paper's first step x 1 generation
+# and the first 10 steps x 4 generations by default), so runs that evaluated different settings
+# (the demo's filtered runs take only the first step's) never share a row. Summaries written
+# before settings were recorded have only the default setting's detection/auc ... (DETECTION_KEYS).
+SETTING_KEYS = ("auc", "auc_std", "tpr_at_1pct_fpr", "tpr_at_1pct_fpr_std")
+DETECTION_KEYS = tuple(f"detection/{k}" for k in SETTING_KEYS)
 # What the duplication plot calls memorization: similarity to the own training image, and the
 # nearest-neighbour convention when the runs have it.
 MEMORIZATION_KEYS = {"copy/duplicated": "similarity to own training image",
@@ -65,10 +67,14 @@ class Run:
 
 
 def table_keys(runs: list[Run]) -> list[str]:
-    """:data:`TABLE_KEYS`, then :data:`SETTING_KEYS` for every detection setting some run has."""
+    """:data:`TABLE_KEYS`, then :data:`SETTING_KEYS` for every detection setting some run has
+    (:data:`DETECTION_KEYS` when some run has no settings)."""
     settings = dict.fromkeys(k.split("/")[2] for r in runs for k in r.metrics
                              if k.startswith("detection/settings/") and k.endswith("/auc"))
-    return [*TABLE_KEYS, *(f"detection/settings/{name}/{key}" for name in settings for key in SETTING_KEYS)]
+    legacy = any("detection/auc" in r.metrics and not any(k.startswith("detection/settings/") for k in r.metrics)
+                 for r in runs)
+    return [*TABLE_KEYS, *(DETECTION_KEYS if legacy else ()),
+            *(f"detection/settings/{name}/{key}" for name in settings for key in SETTING_KEYS)]
 
 
 def find_runs(paths: list[Path]) -> list[Path]:

@@ -1,3 +1,8 @@
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+import configs
 from tests.conftest import compose_train
 from train.assets import ASSETS
 from train.demo import run_overrides
@@ -24,3 +29,12 @@ def test_the_fine_tune_preset_loads_the_shipped_base_and_user_settings_win():
     own = ["filter=calibrated", "filter.min_observations=2", "filter.sticky=true"]
     calibrated = compose_train([*run_overrides(task, "embedded_finetune", own, True), "run_dir=x"])
     assert calibrated.filter.z == 1.0 and calibrated.filter.min_observations == 2 and calibrated.filter.sticky
+
+
+def test_the_demo_runs_compose_and_only_the_unfiltered_one_detects_in_both_settings():
+    runs = OmegaConf.load(Path(configs.__file__).parent / "demo.yaml").demo.runs
+    for name, own in runs.items():
+        cfg = compose_train([*run_overrides(["seed=1"], "embedded_finetune", list(own), False), "run_dir=x"])
+        settings = set(cfg.eval.detection.settings)
+        assert cfg.eval.detection.default in settings and cfg.seed == 1
+        assert settings == ({"first_step_1gen", "first10_4gen"} if name == "unfiltered" else {"first_step_1gen"})

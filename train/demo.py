@@ -60,13 +60,22 @@ def last_step(run_dir: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def stage(proc: subprocess.Popen, run_dir: Path, total: int) -> str:
+    """Where one run is: its training step, its evaluation (after the last step), or done."""
+    if proc.poll() is not None:
+        return "done"
+    step = last_step(run_dir)
+    return "evaluating" if step >= total else f"step {step}/{total}"
+
+
 def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: int, every: float) -> None:
-    """Wait for every run, printing their steps now and then; fail naming the run that failed."""
+    """Wait for every run, printing their progress now and then; fail naming the run that failed."""
     quiet = bool(os.environ.get("CI"))
     while any(p.poll() is None for p in procs.values()):
         time.sleep(every)
         if not quiet:
-            print("[memsieve-demo] " + ", ".join(f"{v} step {last_step(dirs[v])}/{total}" for v in procs), flush=True)
+            print("[memsieve-demo] " + ", ".join(f"{v} {stage(p, dirs[v], total)}" for v, p in procs.items()),
+                  flush=True)
     for name, proc in procs.items():
         if proc.returncode != 0:
             log = dirs[name] / "train.log"
