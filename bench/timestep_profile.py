@@ -33,11 +33,10 @@ TIMESTEPS = (20, 100, 200, 300, 400, 500, 600, 700, 800, 900, 980)
 def branch_predictions(comps, x0: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, noise: torch.Tensor,
                        t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Magnitudes ``[noises, N]`` and each branch's epsilon MSE ``[noises, N]`` at timestep ``t``."""
-    alpha_bar = comps.noise_scheduler.alphas_cumprod
+    tt = torch.full((len(x0),), t)
     mags, mse_c, mse_u = [], [], []
     for eps in noise:
-        noisy = alpha_bar[t].sqrt() * x0 + (1 - alpha_bar[t]).sqrt() * eps
-        tt = torch.full((len(x0),), t)
+        noisy = comps.noise_scheduler.add_noise(x0, eps, tt)  # the training loop's own noising
         with torch.no_grad():
             pred_c, pred_u = predict_pair(comps.unet, noisy, tt, cond, uncond)
         mags.append(text_conditional_magnitude(pred_c, pred_u, comps.noise_scheduler, tt))
