@@ -9,6 +9,7 @@ from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from train.cores import take_freed_cores_on_signal
 from train.loop import train
 from train.overrides import reject_unknown_added_keys
 from train.relaunch import relaunch, wants_relaunch
@@ -57,6 +58,7 @@ def hydra_main(cfg: DictConfig) -> None:
         if wants_relaunch(cfg):
             relaunch(cfg)  # the relaunched main process prints the results
             return
+        take_freed_cores_on_signal()  # a demo run: the demo hands it the cores finished runs free
         summary = run(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad config or input: one line, no traceback
         raise SystemExit(f"memsieve-train: error: {err}") from None

@@ -8,7 +8,8 @@ small learning rate and without caption dropout, as SD v1.4 was fine-tuned. The 
 model's magnitudes, ``filter.choose``) and memsieve's calibrated filter. ``experiment=embedded``
 trains them from scratch instead (the earlier demo). On a CPU-only machine the runs go at once,
 the cores split between them (one thread each on two cores: measured in BENCHMARKS.md as the
-fastest way there); with a GPU they run one after the other.
+fastest way there), and the last run still going takes the cores the others free
+(:mod:`train.cores`); with a GPU they run one after the other.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from evaluation.compare import write_comparison
+from train.cores import ENV, hand_freed_cores, usable_cores
 from train.overrides import reject_unknown_added_keys
 
 
@@ -47,7 +49,7 @@ def launch(name: str, overrides: list[str], run_dir: Path, threads: int | None) 
     run_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if threads:
-        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **{ENV: "1"})
     log = (run_dir / "train.log").open("w")
     cmd = [sys.executable, "-m", "train", *overrides, f"run_dir={run_dir}", "logging.progress=false"]
     print(f"[memsieve-demo] {name}: {' '.join(cmd[2:])}  (log: {run_dir / 'train.log'})", flush=True)
@@ -68,12 +70,20 @@ def stage(proc: subprocess.Popen, run_dir: Path, total: int) -> str:
     return "evaluating" if step >= total else f"step {step}/{total}"
 
 
-def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: int, every: float) -> None:
-    """Wait for every run, printing their progress now and then; fail naming the run that failed."""
+def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: int, every: float,
+             lend_cores: bool = False) -> None:
+    """Wait for every run, printing their progress now and then; with ``lend_cores``, the last run
+    still going gets the cores the finished ones freed. Fail naming the run that failed."""
     quiet = bool(os.environ.get("CI"))
-    while any(p.poll() is None for p in procs.values()):
-        time.sleep(every)
-        if not quiet:
+    handed, printed = False, time.monotonic()
+    while running := [name for name, proc in procs.items() if proc.poll() is None]:
+        if lend_cores and not handed and len(running) == 1:
+            handed = hand_freed_cores(procs[running[0]])
+            if handed:
+                print(f"[memsieve-demo] {running[0]} takes the cores the finished runs freed", flush=True)
+        time.sleep(min(every, 1.0))
+        if not quiet and time.monotonic() - printed >= every:
+            printed = time.monotonic()
             print("[memsieve-demo] " + ", ".join(f"{v} {stage(p, dirs[v], total)}" for v, p in procs.items()),
                   flush=True)
     for name, proc in procs.items():
@@ -96,14 +106,15 @@ def main(cfg: DictConfig) -> None:
     runs = {name: list(own) for name, own in cfg.demo.runs.items()}
     dirs = {name: out / name for name in runs}
     parallel = cfg.demo.parallel if cfg.demo.parallel != "auto" else not torch.cuda.is_available()
-    threads = max(1, (os.cpu_count() or 2) // len(runs)) if parallel else None
+    threads = max(1, usable_cores() // len(runs)) if parallel else None
     procs = {}
     for name, own in runs.items():
         procs[name] = launch(name, run_overrides(task, choices.get("experiment"), own,
                                                  name == cfg.demo.user_filter_run), dirs[name], threads)
         if not parallel:
             wait_all({name: procs[name]}, dirs, cfg.train.steps, cfg.demo.progress_every)
-    wait_all(procs, dirs, cfg.train.steps, cfg.demo.progress_every)
+    wait_all(procs, dirs, cfg.train.steps, cfg.demo.progress_every,
+             lend_cores=bool(threads) and threads < usable_cores())
     summaries = {name: json.loads((dirs[name] / "summary.json").read_text()) for name in runs}
     print(f"[memsieve-demo] comparison ({out / 'comparison.md'}):\n" + write_comparison(
         out, summaries, list(dirs.values()), cfg.logging.wandb).with_name("comparison.md").read_text(), flush=True)
