@@ -4,9 +4,10 @@ Detection is most of a run's evaluation on a CPU (the first 10 sampling steps x 
 every scored prompt, ``eval.detection``). Each (prompt, generation) pair has its own starting
 noise, so the magnitudes must not depend on how many pairs share a forward (``eval.batch_size``);
 the time does. Times one seed set of the evaluation's pass over ``--prompts`` world captions for
-every ``--threads`` x ``--batch-sizes``, checks the magnitudes agree, and prints each time and its
-ratio to the first. The thread counts measure what the demo gains by handing its last run the
-cores the finished runs freed (``train/cores.py``).
+every ``--threads`` x ``--batch-sizes`` after one untimed warm-up, prints each time and its ratio
+to the first, and fails if any magnitude differs from the first configuration's. The thread
+counts measure what the demo gains by handing its last run the cores the finished runs freed
+(``train/cores.py``).
 
     python bench/eval_batch.py --batch-sizes 256 128 64 32 --threads 1 2
     python bench/eval_batch.py --model runs/demo_*/unfiltered/model
@@ -36,8 +37,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     args = parser.parse_args()
-    comps = load_pretrained(args.model)
+    comps = load_pretrained(args.model).for_inference("cpu")  # as the evaluation loads it
     captions = generate_world(WorldConfig(num_pairs=args.prompts, unstated=("color",))).captions
+    first_steps_magnitudes(comps, captions[:8], PromptSeeds(0, 1), 50, 3.0, 1, 8)  # warm-up, untimed
     rows, first, reference = [], None, None
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -54,6 +56,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for threads, batch, seconds, ratio, diff in rows:
         print(f"| {threads} | {batch} | {seconds:.1f} | {ratio:.2f}x | {diff:.1e} |")
+    if any(diff for *_, diff in rows):
+        raise SystemExit("eval_batch: magnitudes depend on the batch size or thread count (last column)")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="an accelerate checkpoint (RUN_DIR/checkpoints/step-N) to evaluate instead of the model")
     parser.add_argument("--out", type=Path, default=None,
                         help="where to write (default: RUN_DIR, or RUN_DIR/eval_step-N for a checkpoint)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options anywhere: RUN --out DIR KEY=VALUE as well
     try:
         path = reevaluate(args.run_dir, args.overrides, args.out, args.checkpoint)
     except (ValueError, FileNotFoundError) as err:  # bad input: one line, no traceback

@@ -153,8 +153,9 @@ def test_train_then_evaluate_later_keeps_statistics_prints_results_and_checks_fi
     assert set(trained) == {"filter", "timing", "data"} and trained["filter"]["kind"] == "calibrated"
 
     # 7: named but missing SSCD weights fail before any work, leaving no output folder behind.
-    lines = fails(python_cli("evaluation.reeval", str(run_dir), "eval.copy.metric=sscd",
-                             f"eval.copy.sscd.weights={tmp_path / 'no.pt'}", "--out", str(tmp_path / "out")),
+    # (--out before the overrides: options go anywhere)
+    lines = fails(python_cli("evaluation.reeval", str(run_dir), "--out", str(tmp_path / "out"),
+                             "eval.copy.metric=sscd", f"eval.copy.sscd.weights={tmp_path / 'no.pt'}"),
                   cwd=tmp_path)
     assert lines == [f"memsieve-eval: error: SSCD weights not found at eval.copy.sscd.weights={tmp_path / 'no.pt'}"]
     assert not (tmp_path / "out").exists()

@@ -10,8 +10,10 @@ takes every core then: ``torch.set_num_threads`` between two operations changes 
 The signal is ``SIGURG``, whose default action is to ignore it: a run that has not installed its
 handler yet (still importing) or has had it removed (Python restores default handlers while it
 exits) lets it pass instead of dying, as it would of ``SIGUSR1``. Only the demo's runs listen (the
-demo sets :data:`ENV`); nothing else sends a process ``SIGURG`` unless it owns a socket's
-out-of-band data.
+demo sets :data:`ENV`, and a run relaunched under ``accelerate launch`` keeps its ranks out of it);
+nothing else sends a process ``SIGURG`` unless it owns a socket's out-of-band data. That a change
+of thread count leaves every figure as it was is measured at the embedded world's size only:
+PyTorch splits large reductions by thread count.
 """
 
 from __future__ import annotations
@@ -31,10 +33,20 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def take_every_core(*_) -> None:
+    """The signal's handler. Python runs it between two bytecodes of the main thread, wherever the
+    run is, so it must never raise there: a torch that cannot change its threads keeps them."""
+    try:
+        torch.set_num_threads(usable_cores())
+    except Exception:  # noqa: BLE001 - speed only; the run must go on
+        pass
+
+
 def take_freed_cores_on_signal() -> None:
     """In a run the demo started: on the demo's signal, compute on every core from then on."""
-    if SIGNAL is not None and os.environ.get(ENV):
-        signal.signal(SIGNAL, lambda *_: torch.set_num_threads(usable_cores()))
+    if SIGNAL is not None and os.environ.get(ENV) == "1":
+        signal.signal(SIGNAL, take_every_core)
+        signal.siginterrupt(SIGNAL, False)  # system calls under way resume instead of failing with EINTR
 
 
 def hand_freed_cores(proc: subprocess.Popen) -> bool:

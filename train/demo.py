@@ -80,7 +80,7 @@ def wait_all(procs: dict[str, subprocess.Popen], dirs: dict[str, Path], total: i
         if lend_cores and not handed and len(running) == 1:
             handed = hand_freed_cores(procs[running[0]])
             if handed:
-                print(f"[memsieve-demo] {running[0]} takes the cores the finished runs freed", flush=True)
+                print(f"[memsieve-demo] {running[0]} signalled to take the cores the finished runs freed", flush=True)
         time.sleep(min(every, 1.0))
         if not quiet and time.monotonic() - printed >= every:
             printed = time.monotonic()

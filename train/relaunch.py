@@ -17,6 +17,8 @@ import sys
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from train.cores import ENV as CORES_ENV
+
 MARKER = "MEMSIEVE_UNDER_ACCELERATE"  # set for the relaunched processes so they train instead of relaunching
 
 
@@ -41,6 +43,8 @@ def relaunch(cfg: DictConfig) -> None:
     """Run this job under accelerate and fail as it fails."""
     hc = HydraConfig.get()
     cmd = relaunch_command(cfg, list(hc.overrides.task), hc.runtime.output_dir)
-    code = subprocess.run(cmd, env={**os.environ, MARKER: "1"}).returncode
+    # The demo hands freed cores to this launcher, not to its ranks (train/cores.py).
+    env = {key: value for key, value in os.environ.items() if key != CORES_ENV}
+    code = subprocess.run(cmd, env={**env, MARKER: "1"}).returncode
     if code:
         raise ValueError(f"accelerate launch exited with status {code}: {' '.join(cmd)}")
