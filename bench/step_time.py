@@ -14,7 +14,8 @@ ratios ``filtered / plain``. Presets:
   v1.4's size with random weights written for the run (4.3 GB; GPU machines only).
 - ``sd_pipeline_tiny``: the same path on the tests' toy pipeline folder (32 px), to check it on a CPU.
 
-Configurations: ``plain`` (no magnitude), ``magnitude_logged``, ``threshold`` (Wen et al.'s
+Configurations: ``plain`` (no magnitude), ``magnitude_logged``, ``magnitude_quarter`` (logged for a
+random quarter of each batch, as the demo's unfiltered run), ``threshold`` (Wen et al.'s
 rule, the ``wen2024`` preset's filter), ``filtered`` (calibrated, every sample judged) and
 ``filtered_quarter`` (calibrated, ``filter.judge_fraction=0.25``); ``--configs`` picks some.
 
@@ -54,6 +55,7 @@ PRESETS["sd_pipeline_tiny"] = [*PIPELINE, "data.world.resolution=32"]
 CONFIGS = {
     "plain": ["filter=none", "filter.compute_magnitude=false"],
     "magnitude_logged": ["filter=none"],
+    "magnitude_quarter": ["filter=none", "filter.judge_fraction=0.25"],
     "threshold": ["filter=threshold"],
     "filtered": ["filter=calibrated", "filter.min_samples=8"],
     "filtered_quarter": ["filter=calibrated", "filter.min_samples=8", "filter.judge_fraction=0.25"],

@@ -29,14 +29,29 @@ from filters.population import ExactLimit, HistogramLimit, build_limit
 
 
 class FilterPolicy:
-    """Keep everything: the magnitude is still computed and logged (``filter=none``)."""
+    """Keep everything: the magnitude is still computed and logged (``filter=none``).
+
+    ``judge_fraction`` < 1 measures it for that share of each rank's batch only, drawn by the
+    seeded ``noise``: the logged curves (duplicated against other samples, by noise band) stay
+    unbiased estimates while an unfiltered run pays for the extra forward on fewer samples.
+    """
+
+    judge_fraction: float = 1.0
+
+    def __init__(self, judge_fraction: float = 1.0):
+        if not 0 < judge_fraction <= 1:
+            raise ValueError(f"filter.judge_fraction={judge_fraction} must lie in (0, 1]")
+        self.judge_fraction = judge_fraction
 
     def to(self, device: torch.device | str) -> FilterPolicy:
         return self
 
     def judge(self, pairs: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Which samples get their magnitude measured: every one."""
-        return torch.ones_like(pairs, dtype=torch.bool)
+        """Which samples get their magnitude measured: every one, or ``judge_fraction`` of them at random."""
+        k = math.ceil(self.judge_fraction * pairs.numel())
+        chosen = torch.zeros_like(pairs, dtype=torch.bool)
+        chosen[noise.to(pairs.device).topk(k, largest=False).indices] = True
+        return chosen
 
     def keep(self, magnitude: torch.Tensor, timesteps: torch.Tensor, step: int,
              pairs: torch.Tensor | None = None) -> torch.Tensor:
@@ -62,6 +77,7 @@ class FixedThreshold(FilterPolicy):
     """
 
     def __init__(self, threshold: float, start_step: int = 0):
+        super().__init__()  # every sample judged: an unjudged one (nan) would count as above the threshold
         if threshold <= 0:
             raise ValueError(f"filter.threshold={threshold} must be > 0")
         self.threshold, self.start_step = threshold, start_step
@@ -119,8 +135,7 @@ class TimestepCalibrated(FilterPolicy):
             )
         if not 0 < memory_decay <= 1:
             raise ValueError(f"filter.memory_decay={memory_decay} must lie in (0, 1]")
-        if not 0 < judge_fraction <= 1:
-            raise ValueError(f"filter.judge_fraction={judge_fraction} must lie in (0, 1]")
+        super().__init__(judge_fraction)
         if num_pairs < 1:
             raise ValueError(f"the calibrated filter needs the number of base pairs (>= 1), got {num_pairs}")
         self.num_train_timesteps, self.buckets, self.z = num_train_timesteps, buckets, z
@@ -128,7 +143,7 @@ class TimestepCalibrated(FilterPolicy):
         self.min_timestep = min_timestep
         self.max_timestep = num_train_timesteps - 1 if max_timestep is None else max_timestep
         self.memory_decay, self.min_observations, self.min_prompts = memory_decay, min_observations, min_prompts
-        self.drop_observations, self.judge_fraction, self.sticky = drop_observations, judge_fraction, sticky
+        self.drop_observations, self.sticky = drop_observations, sticky
         self.values = torch.full((buckets, window), float("nan"))
         self.cursor = torch.zeros(buckets, dtype=torch.long)
         self.count = torch.zeros(num_pairs, dtype=torch.int32)  # judgements per pair
@@ -184,7 +199,7 @@ class TimestepCalibrated(FilterPolicy):
         n = pairs.numel()
         k = math.ceil(self.judge_fraction * n)
         if k >= n:
-            return super().judge(pairs, timesteps, noise)
+            return torch.ones_like(pairs, dtype=torch.bool)
         # Fewest judgements first, judged timesteps before the others, ties broken by the seeded noise.
         count = self.count[pairs.to(self.count.device).long()].double()
         priority = count + noise.to(count.device).double() + (~self.judged(timesteps)).double() * 2.0**40
@@ -272,7 +287,7 @@ class TimestepCalibrated(FilterPolicy):
 def build_policy(cfg: DictConfig, num_train_timesteps: int, num_pairs: int) -> FilterPolicy:
     """The policy named by ``cfg.kind`` (config group ``filter``) for a source of ``num_pairs`` base pairs."""
     if cfg.kind == "none":
-        return FilterPolicy()
+        return FilterPolicy(cfg.get("judge_fraction", 1.0))
     if cfg.kind == "threshold":
         return FixedThreshold(cfg.threshold, cfg.start_step)
     if cfg.kind == "calibrated":

@@ -1,7 +1,10 @@
+import math
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from filters.policy import FixedThreshold, TimestepCalibrated, filtered_mean
+from filters.policy import FixedThreshold, TimestepCalibrated, build_policy, filtered_mean
 
 
 def test_threshold_keeps_strictly_below_as_the_reference_and_loss_is_mean_of_kept():
@@ -181,6 +184,19 @@ def test_judge_fraction_measures_the_least_judged_pairs_in_the_judged_range():
     assert calibrated().judge(pairs, t, noise).all()  # judge_fraction 1: every sample
     with pytest.raises(ValueError, match="judge_fraction=0"):
         calibrated(judge_fraction=0)
+
+
+def test_unfiltered_judge_fraction_logs_a_seeded_random_share_and_keeps_every_sample():
+    policy = build_policy(OmegaConf.create({"kind": "none", "judge_fraction": 0.25}), 1000, 2000)
+    pairs, t = torch.arange(32), torch.randint(0, 1000, (32,))
+    noise = torch.rand(32, generator=torch.Generator().manual_seed(0))
+    chosen = policy.judge(pairs, t, noise)
+    assert int(chosen.sum()) == 8 and torch.equal(chosen, noise <= noise.sort().values[7])
+    assert torch.equal(policy.judge(pairs, t, noise), chosen)  # the same draws, the same samples
+    assert policy.keep(torch.full((32,), math.nan), t, 0, pairs).all()  # unjudged samples still train
+    assert build_policy(OmegaConf.create({"kind": "none"}), 1000, 2000).judge(pairs, t, noise).all()
+    with pytest.raises(ValueError, match="judge_fraction=1.5"):
+        build_policy(OmegaConf.create({"kind": "none", "judge_fraction": 1.5}), 1000, 2000)
 
 
 def test_sticky_keeps_a_dropped_pair_out_after_its_average_sinks_and_survives_a_resume():

@@ -1,6 +1,7 @@
 """Real runs through the console entry points: micro end to end, exact resume, two-process DDP."""
 
 import json
+import math
 import shutil
 
 import torch
@@ -124,6 +125,9 @@ def test_demo_fine_tunes_the_shipped_base_three_ways_and_compares(tmp_path):
         run_cfg = (out / run / "config.yaml").read_text()
         assert "embedded_base" in run_cfg  # every run fine-tunes the shipped base
         assert "caption_dropout: 0.0" in run_cfg and "steps: 6" in run_cfg
+    # The unfiltered run measures a quarter of each batch's magnitudes, and still logs them.
+    logged = [json.loads(x) for x in (out / "unfiltered" / "metrics.jsonl").read_text().splitlines()]
+    assert any(math.isfinite(r.get(f"magnitude/{g}/all", math.nan)) for r in logged for g in ("duplicated", "other"))
 
 
 def test_model_sd_fine_tunes_a_saved_diffusers_folder(tmp_path):
