@@ -36,8 +36,6 @@ class FilterPolicy:
     unbiased estimates while an unfiltered run pays for the extra forward on fewer samples.
     """
 
-    judge_fraction: float = 1.0
-
     def __init__(self, judge_fraction: float = 1.0):
         if not 0 < judge_fraction <= 1:
             raise ValueError(f"filter.judge_fraction={judge_fraction} must lie in (0, 1]")
