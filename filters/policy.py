@@ -47,6 +47,8 @@ class FilterPolicy:
     def judge(self, pairs: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Which samples get their magnitude measured: every one, or ``judge_fraction`` of them at random."""
         k = math.ceil(self.judge_fraction * pairs.numel())
+        if k >= pairs.numel():
+            return torch.ones_like(pairs, dtype=torch.bool)
         chosen = torch.zeros_like(pairs, dtype=torch.bool)
         chosen[noise.to(pairs.device).topk(k, largest=False).indices] = True
         return chosen
@@ -197,7 +199,7 @@ class TimestepCalibrated(FilterPolicy):
         n = pairs.numel()
         k = math.ceil(self.judge_fraction * n)
         if k >= n:
-            return torch.ones_like(pairs, dtype=torch.bool)
+            return super().judge(pairs, timesteps, noise)
         # Fewest judgements first, judged timesteps before the others, ties broken by the seeded noise.
         count = self.count[pairs.to(self.count.device).long()].double()
         priority = count + noise.to(count.device).double() + (~self.judged(timesteps)).double() * 2.0**40
