@@ -29,7 +29,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.dataset import build_data
-from evaluation.metrics import alignment, caption_region, copy_similarity
+from evaluation.metrics import alignment, copy_similarity, object_region
 from filters.detection import calibrate_threshold, detection_metrics, first_steps_magnitudes
 from filters.mitigation import Mitigation
 from filters.sampling import sample_prompts
@@ -45,7 +45,7 @@ def generated_quality(comps, pairs, indices: list[int], seeds: list[int], guidan
     latents, _ = sample_prompts(comps, captions, seeds, 50, guidance, 256, mitigation=mitigation)
     images = comps.decode_latents(latents.flatten(0, 1)).view(*latents.shape[:2], *latents.shape[2:])
     refs = pairs.images_at(indices).float() / 255
-    copy = [copy_similarity(images[p], refs[p], caption_region(c, refs.shape[-1])) for p, c in enumerate(captions)]
+    copy = [copy_similarity(images[p], refs[p], object_region(c, refs[p])) for p, c in enumerate(captions)]
     align = [alignment(images[p], c) for p, c in enumerate(captions)]
     return {"copy": float(torch.stack(copy).mean()), "alignment": float(torch.stack(align).mean())}
 

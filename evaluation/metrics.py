@@ -1,9 +1,9 @@
 """Weight-free copy and alignment metrics for the embedded world.
 
 Copy similarity is the cosine between mean-centred pixels of a generation and its training
-image over the region the caption does not determine (the object's pixels, dilated by one,
-are excluded): it is high only when the background, the content a memorizing model has to
-copy from one training image, is reproduced. SSCD replaces it for real images.
+image outside the training image's object (its pixels, dilated by one, are excluded): it is high
+only when the background, the content no caption states and a memorizing model has to copy from
+one training image, is reproduced. SSCD replaces it for real images.
 Alignment is the fraction of the attributes the caption states (colour, shape, size, position,
 less any the world leaves unstated) that the world's recognizer finds in the image
 (:func:`data.world.recognize_attributes`).
@@ -14,18 +14,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from data.world import object_mask, parse_caption, recognize_attributes
+from data.world import COLORS, object_mask, parse_caption, recognize_attributes
+
+# Squared colour distance under which a pixel is the object's (worlds whose captions leave its place
+# unsaid): a background pixel's channels lie within 0.16 of one another, a saturated colour's 1 apart.
+OBJECT_TOLERANCE = 0.25
 
 
-def caption_region(caption: str, resolution: int, dilate: int = 1) -> torch.Tensor:
-    """Boolean ``[R, R]`` mask of what ``caption`` determines (its object, dilated)."""
+def object_region(caption: str, reference: torch.Tensor, dilate: int = 1) -> torch.Tensor:
+    """Boolean ``[R, R]`` mask of the object in a float ``[3, R, R]`` training image, dilated.
+
+    Taken from the caption where it states shape, size and position (exact on lossily stored
+    renders too); where the world leaves some unsaid (``data.world.unstated``), read from the
+    image's pixels: the object is drawn in a saturated colour no background pixel comes near.
+    """
     a = parse_caption(caption)
-    missing = [name for name in ("shape", "size", "position") if name not in a]
-    if missing:
-        raise ValueError(f"caption {caption!r} leaves {missing} unstated; the embedded copy metric needs captions "
-                         f"that state shape, size and position (data.world.unstated may only hold color)")
-    mask = object_mask(a["shape"], a["size"], a["position"], resolution).float()[None, None]
-    return F.max_pool2d(mask, 2 * dilate + 1, stride=1, padding=dilate)[0, 0].bool()
+    if all(name in a for name in ("shape", "size", "position")):
+        mask = object_mask(a["shape"], a["size"], a["position"], reference.shape[-1])
+    else:
+        palette = torch.tensor(list(COLORS.values()), dtype=reference.dtype).view(-1, 3, 1, 1)
+        mask = (((reference[None] - palette) ** 2).sum(1) < OBJECT_TOLERANCE).any(0)
+    return F.max_pool2d(mask.float()[None, None], 2 * dilate + 1, stride=1, padding=dilate)[0, 0].bool()
 
 
 def copy_similarity(generated: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None,

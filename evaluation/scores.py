@@ -19,10 +19,10 @@ import torch
 from omegaconf import DictConfig
 
 from data.world import WORLD_MARKER
-from evaluation.metrics import alignment, caption_region, copy_similarity
+from evaluation.metrics import alignment, copy_similarity, object_region
 from evaluation.search import RunningMax, cached_features, chunks, nearest
 
-EMBEDDED_COPY = "centred pixel cosine outside the captioned object"
+EMBEDDED_COPY = "centred pixel cosine outside the training image's object"
 EMBEDDED_ALIGNMENT = "fraction of caption attributes recognized"
 
 
@@ -43,11 +43,10 @@ def embedded_copy(images: torch.Tensor, refs: torch.Tensor, captions: list[str],
                   search: bool) -> Scored:
     """The weight-free copy similarity, to the own image and (optionally) to every training image.
 
-    Each generation is compared outside its own caption's object region; queries sharing a
-    region are searched together, one pass over the training set for all regions.
+    Each generation is compared outside its own training image's object region; queries sharing
+    a region are searched together, one pass over the training set for all regions.
     """
-    res = refs.shape[-1]
-    regions = [caption_region(c, res) for c in captions]
+    regions = [object_region(c, ref) for c, ref in zip(captions, refs)]
     own = torch.stack([copy_similarity(images[p], refs[p], regions[p]) for p in range(len(captions))])
     if not search:
         return Scored(own)
