@@ -74,6 +74,8 @@ def test_unstated_colour_leaves_images_alone_and_alignment_judges_what_captions_
     right = torch.stack([alignment(images[i:i + 1], quiet.captions[i]) for i in range(60)])
     wrong = torch.stack([alignment(images[i:i + 1], quiet.captions[(i + 1) % 60]) for i in range(60)])
     assert right.mean() > 0.95 and wrong.mean() < 0.6
+    # The copy metric's region: the same with or without the colour in the caption.
+    assert torch.equal(object_region(quiet.captions[0], images[0]), object_region(full.captions[0], images[0]))
 
 
 def test_impossible_unstated_attributes_are_refused_in_one_line():
