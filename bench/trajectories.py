@@ -3,7 +3,9 @@
 Answers what a fixed threshold would do to a run before running it: per window of steps, the
 mean magnitude of duplicated and other samples by noise band and the fraction of each above
 ``--threshold`` (e.g. the value ``filter.choose`` picked from the base model, in the run's
-``threshold.json``); and each duplicated pair's own mean magnitude per window (its trajectory).
+``threshold.json``); each duplicated pair's own mean magnitude per window (its trajectory); and
+(``--exposure``) how much of the other pairs' drift comes with seeing a pair again rather than
+with training as such.
 
     python bench/trajectories.py runs/demo_X/unfiltered --threshold 0.9 --window 100
 """
@@ -23,9 +25,13 @@ def load(run_dir: Path) -> dict[str, torch.Tensor]:
     """Every logged sample: step, timestep, magnitude, kept, whether duplicated, and its pair index."""
     counts = json.loads((run_dir / "manifest.json").read_text())["counts"]
     dup_keys = sorted(counts)
-    rows = {"step": [], "t": [], "magnitude": [], "keep": [], "pair": []}
+    rows = {"step": [], "t": [], "magnitude": [], "keep": [], "pair": [], "seen": []}
+    seen: dict[str, int] = {}
     for line in (run_dir / "decisions.jsonl").read_text().splitlines():
         r = json.loads(line)
+        for k in r["key"]:  # how often this pair was drawn before (0 the first time)
+            rows["seen"].append(seen.get(k, 0))
+            seen[k] = seen.get(k, 0) + 1
         rows["step"] += [r["step"]] * len(r["key"])
         rows["t"] += r["t"]
         rows["magnitude"] += r["magnitude"]
@@ -75,18 +81,45 @@ def pair_table(s: dict[str, torch.Tensor], window: int) -> str:
     return "\n".join(lines)
 
 
+def exposure_effects(s: dict[str, torch.Tensor], window: int) -> str:
+    """The other pairs' drift, split: least squares of log magnitude on timestep-band (50 steps) and
+    step-window effects plus the number of earlier draws of the sample's pair. Within a window pairs
+    differ in how often they were drawn, which separates the two; with few draws per pair (a larger
+    world) only the exposure part would go away."""
+    m = (~s["dup"]) & ~s["magnitude"].isnan() & (s["magnitude"] > 0)
+    t, step, seen = s["t"][m], s["step"][m], s["seen"][m].double()
+    band = (t // 50).clamp(max=19)
+    win = (step - 1) // window
+    cols = [torch.nn.functional.one_hot(win, int(win.max()) + 1).double(),
+            torch.nn.functional.one_hot(band, 20).double()[:, 1:], seen[:, None]]
+    coef = torch.linalg.lstsq(torch.cat(cols, dim=1), s["magnitude"][m].double().log()[:, None]).solution[:, 0]
+    windows = int(win.max()) + 1
+    drift = (coef[:windows] - coef[0]).exp()
+    last = win == win.max()
+    return (f"other pairs, {int(m.sum())} samples: x{float(coef[-1].exp()):.4f} per earlier draw of the pair; "
+            f"training as such, same draws and timestep band: x{float(drift[-1]):.2f} from the first {window} "
+            f"steps to the last (per window: {', '.join(f'{float(d):.2f}' for d in drift)}); mean earlier draws "
+            f"in the last window {float(seen[last].mean()):.1f}, so x{float((coef[-1] * seen[last].mean()).exp()):.2f} "
+            "there from exposure")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run directory with decisions.jsonl")
     parser.add_argument("--threshold", type=float, default=None, help="report the fraction above this magnitude")
     parser.add_argument("--window", type=int, default=100, help="steps per table row")
     parser.add_argument("--pairs", action="store_true", help="also print each duplicated pair's trajectory")
+    parser.add_argument("--exposure", action="store_true",
+                        help="also split the other pairs' drift into exposure to the pair and training as such")
     args = parser.parse_args()
     s = load(args.run)
     print(windows_table(s, args.window, args.threshold))
     if args.pairs:
         print()
         print(pair_table(s, args.window))
+    if args.exposure:
+        print()
+        print(exposure_effects(s, args.window))
 
 
 if __name__ == "__main__":

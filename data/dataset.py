@@ -186,8 +186,12 @@ def plan(cfg: DictConfig, keys: list[str], records: list[int]
     """The duplication plan over base pairs: copies (``data.duplication``) or weights (``data.weighted``)."""
     weighted = cfg.get("weighted")
     if weighted:
+        if set(weighted) != {"fraction", "weight"}:
+            raise ValueError(f"data.weighted needs exactly fraction and weight, got {sorted(weighted)}; e.g. "
+                             "'data.weighted={fraction:0.05,weight:5}' data.duplication.num_duplicated=0")
         if cfg.duplication.num_duplicated or cfg.duplication.get("counts"):
-            raise ValueError("data.weighted and data.duplication.num_duplicated/counts both duplicate; use one")
+            raise ValueError("data.weighted and data.duplication.num_duplicated/counts both duplicate; use one "
+                             "(data.duplication.num_duplicated=0 with data.weighted)")
         weights, manifest = choose_weighted(keys, float(weighted.fraction), float(weighted.weight),
                                             cfg.duplication.seed)
         return [Entry(p, records[p]) for p in range(len(keys))], manifest, torch.from_numpy(weights)

@@ -335,6 +335,10 @@ def image_bytes(value) -> bytes | None:
     return Path(path).read_bytes() if path and Path(path).exists() else None
 
 
+# Where datasets' imagefolder builder finds captions: at the top of the folder or in a split folder.
+METADATA = [f"{top}metadata.{ext}" for top in ("", "*/") for ext in ("jsonl", "csv", "parquet")]
+
+
 def scan_table(cfg, spec: ImageSpec) -> SourceIndex:
     """A ``datasets`` table: ``imagefolder`` (a folder with ``metadata.jsonl``), parquet files or a hub id."""
     import datasets
@@ -345,6 +349,12 @@ def scan_table(cfg, spec: ImageSpec) -> SourceIndex:
     if cfg.source == "imagefolder":
         if not Path(cfg.path).is_dir():
             raise FileNotFoundError(f"data.path={cfg.path} is not an imagefolder (images plus metadata.jsonl)")
+        # Checked here: datasets would say only "doesn't contain any data files", after walking the tree.
+        if not any(next(Path(cfg.path).glob(pattern), None) for pattern in METADATA):
+            caption = cfg.get("caption_column", "text")
+            raise FileNotFoundError(f"data.path={cfg.path} has no metadata.jsonl (nor .csv/.parquet, nor in a split "
+                                    f"folder); imagefolder needs one with file_name and {caption} per image "
+                                    f"(data=folder reads captions from .txt files)")
         name, kwargs["data_dir"] = "imagefolder", str(cfg.path)
         label = f"data.path={cfg.path}"
     else:

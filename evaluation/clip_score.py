@@ -13,15 +13,18 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoProcessor, CLIPModel
 
+from train.model_source import goes_online
+
 
 class ClipScorer:
     """A CLIP model and its processor, loaded once; :meth:`score` batches any number of pairs."""
 
     def __init__(self, model: str, local_files_only: bool = False, batch_size: int = 64,
                  device: str | torch.device = "cpu"):
+        cache_only = not goes_online(model, local_files_only)
         try:
-            self.model = CLIPModel.from_pretrained(model, local_files_only=local_files_only).eval().to(device)
-            self.processor = AutoProcessor.from_pretrained(model, local_files_only=local_files_only)
+            self.model = CLIPModel.from_pretrained(model, local_files_only=cache_only).eval().to(device)
+            self.processor = AutoProcessor.from_pretrained(model, local_files_only=cache_only)
         except OSError as err:  # missing folder, no hub access, or not a CLIP checkpoint
             raise FileNotFoundError(f"CLIP model {model!r} could not be loaded ({str(err).splitlines()[0]}); "
                                     f"set eval.alignment.clip.model to a CLIP folder or hub id") from None

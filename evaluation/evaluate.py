@@ -7,6 +7,7 @@ alignment and first-steps detection, and write ``summary.json``, ``generations.p
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,10 +38,32 @@ def choose_prompts(data, num_other: int | None, seed: int) -> tuple[list[int], l
     return dup, [rest[i] for i in sorted(picked.tolist())]
 
 
-def detection_settings(ec: DictConfig) -> dict:
+def weights_fingerprint(files: list[Path], root: Path) -> str:
+    """SHA-256 of the weight files an evaluation ran on (names relative to ``root``, and contents).
+
+    Saved generations and detection are reused only for these very weights: a run resumed or
+    extended with ``eval.enabled=false`` rewrites ``model/``, and its earlier generations must not
+    be reported as the new model's. Reading the files costs seconds even for SD v1.4 (4 GB).
+    """
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_dir: Path) -> str:
+    """:func:`weights_fingerprint` of a saved model folder (every component's weights)."""
+    return weights_fingerprint(list(model_dir.rglob("*.safetensors")), model_dir)
+
+
+def detection_settings(ec: DictConfig, weights: str) -> dict:
     """Everything detection's result depends on; equal settings let ``memsieve-eval`` reuse it."""
     return {"detection": OmegaConf.to_container(ec.detection, resolve=True), "seed": ec.seed,
-            "num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
+            "num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale,
+            "weights": weights}
 
 
 def detect(comps, data, ec: DictConfig) -> dict:
@@ -88,27 +111,29 @@ class Generations:
         torch.save(asdict(self), path)
 
     @classmethod
-    def load(cls, path: Path, pairs, settings: dict) -> Generations:
-        """Read ``generations.pt``; files from before settings were recorded get ``settings``."""
+    def load(cls, path: Path, pairs) -> Generations:
+        """Read ``generations.pt``; files from before settings were recorded get none, so they never match."""
         raw = torch.load(path)
         index = {k: i for i, k in enumerate(pairs.keys)}
         raw.setdefault("indices", [index[k] for k in raw["keys"]])
-        raw.setdefault("settings", settings)
+        raw.setdefault("settings", {})
         return cls(**{k: raw[k] for k in cls.__dataclass_fields__})
 
     def matches(self, indices: list[int], seeds: list[int], settings: dict) -> bool:
         return self.indices == indices and self.seeds == seeds and self.settings == settings
 
 
-def generation_settings(ec: DictConfig) -> dict:
-    """What a generation depends on besides prompts and seeds (inference-time mitigation too, when set)."""
-    settings = {"num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale}
+def generation_settings(ec: DictConfig, weights: str) -> dict:
+    """What a generation depends on besides prompts and seeds: the weights (:func:`weights_fingerprint`),
+    sampling, and inference-time mitigation when set."""
+    settings = {"num_inference_steps": ec.num_inference_steps, "guidance_scale": ec.guidance_scale,
+                "weights": weights}
     if ec.get("mitigation") and ec.mitigation.get("enabled"):
         settings["mitigation"] = OmegaConf.to_container(ec.mitigation, resolve=True)
     return settings
 
 
-def make_generations(comps, data, ec: DictConfig, progress: bool) -> Generations:
+def make_generations(comps, data, ec: DictConfig, weights: str, progress: bool) -> Generations:
     dup, other = choose_prompts(data, ec.num_other_prompts, ec.seed)
     indices = dup + other
     captions = [data.pairs.captions[i] for i in indices]
@@ -118,17 +143,17 @@ def make_generations(comps, data, ec: DictConfig, progress: bool) -> Generations
                                   mitigation=Mitigation.from_config(ec.get("mitigation")))
     return Generations(indices, [data.pairs.keys[i] for i in indices], captions, seeds,
                        [1] * len(dup) + [0] * len(other), (images * 255).round().to(torch.uint8), magnitudes,
-                       generation_settings(ec))
+                       generation_settings(ec, weights))
 
 
-def reusable(path: Path | None, data, ec: DictConfig, saved: dict) -> Generations | None:
-    """Saved generations when they are exactly what ``ec`` asks for, else ``None``."""
+def reusable(path: Path | None, data, ec: DictConfig, weights: str) -> Generations | None:
+    """Saved generations when they are exactly what ``ec`` asks for of these weights, else ``None``."""
     if path is None or not path.exists():
         return None
-    gens = Generations.load(path, data.pairs, saved)
+    gens = Generations.load(path, data.pairs)
     dup, other = choose_prompts(data, ec.num_other_prompts, ec.seed)
-    return gens if gens.matches(dup + other, [ec.seed + j for j in range(ec.num_seeds)], generation_settings(ec)) \
-        else None
+    seeds = [ec.seed + j for j in range(ec.num_seeds)]
+    return gens if gens.matches(dup + other, seeds, generation_settings(ec, weights)) else None
 
 
 def say(line: str) -> None:
@@ -147,19 +172,19 @@ def measured(name: str, compute, strict: bool) -> tuple[object | None, str | Non
         return None, str(err)
 
 
-def evaluate_model(comps, data, cfg: DictConfig, out_dir: Path, reuse: Path | None = None,
-                   saved_settings: dict | None = None, previous: dict | None = None, strict: bool = False) -> dict:
+def evaluate_model(comps, data, cfg: DictConfig, out_dir: Path, weights: str, reuse: Path | None = None,
+                   previous: dict | None = None, strict: bool = False) -> dict:
     """Evaluate ``comps`` on ``data`` per ``cfg.eval``; write generations and grid to ``out_dir``.
 
-    ``reuse`` is a ``generations.pt`` to take instead of generating when it matches (files from
-    before settings were recorded are taken to have ``saved_settings``); ``previous`` a summary
-    whose detection is reused when its settings match.
+    ``weights`` is the fingerprint of the weights in ``comps`` (:func:`weights_fingerprint`);
+    ``reuse`` a ``generations.pt`` to take instead of generating when it matches; ``previous`` a
+    summary whose detection is reused when its settings match. Both must come from these weights.
     """
     ec, pairs = cfg.eval, data.pairs
     progress = not os.environ.get("CI") and cfg.logging.progress
-    gens = reusable(reuse, data, ec, saved_settings or generation_settings(ec))
+    gens = reusable(reuse, data, ec, weights)
     if gens is None:
-        gens = make_generations(comps, data, ec, progress)
+        gens = make_generations(comps, data, ec, weights, progress)
     else:
         say(f"reusing {len(gens.captions)} x {len(gens.seeds)} generations from {reuse}")
     gens.save(out_dir / "generations.pt")
@@ -175,7 +200,7 @@ def evaluate_model(comps, data, cfg: DictConfig, out_dir: Path, reuse: Path | No
                                                                 device), strict)
     summary["alignment"] = {"metric": ec.alignment.metric, "unavailable": why} if align is None else {
         "metric": ec.alignment.metric, "description": align[1], **split_means(align[0], is_dup)}
-    settings = detection_settings(ec)
+    settings = detection_settings(ec, weights)
     if previous and previous.get("detection", {}).get("config") == settings:
         summary["detection"] = previous["detection"]
     else:
@@ -198,7 +223,7 @@ def evaluate(result: TrainResult, cfg: DictConfig) -> dict | None:
     if not PartialState().is_main_process:
         return None
     run_dir = Path(result.run_dir)
-    summary = evaluate_model(result.components, result.data, cfg, run_dir)
+    summary = evaluate_model(result.components, result.data, cfg, run_dir, model_fingerprint(run_dir / "model"))
     summary.update(training_summary(result, cfg))
     write_json(run_dir / "summary.json", summary)
     if cfg.logging.wandb.enabled:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from data.dataset import renders_embedded_world
 from data.world import WORLD_MARKER
-from train.model_source import hub_error, looks_like_path
+from train.model_source import goes_online, hub_error, looks_like_path
 
 COPY_METRICS = ("embedded", "sscd")
 ALIGNMENT_METRICS = ("embedded", "clip")
@@ -30,13 +30,14 @@ def clip_problem(model: str, local_files_only: bool) -> str | None:
         return f"CLIP model eval.alignment.clip.model={model} does not exist; give a CLIP folder or hub id"
     from transformers import AutoConfig
 
+    online = goes_online(model, local_files_only)
     try:
-        AutoConfig.from_pretrained(str(path) if path.exists() else model, local_files_only=local_files_only)
+        AutoConfig.from_pretrained(str(path) if path.exists() else model, local_files_only=not online)
     except (OSError, ValueError) as err:
         if path.exists():
             return f"eval.alignment.clip.model={model} is not a CLIP checkpoint in transformers' format ({err})"
         return str(hub_error(model, local_files_only, err, "eval.alignment.clip.model",
-                             "eval.alignment.clip.local_files_only"))
+                             "eval.alignment.clip.local_files_only", online))
     return None
 
 

@@ -6,8 +6,9 @@ EMA), its resolved config and training set, applies the overrides (any ``eval.*`
 copy or alignment metric, other seeds, steps or guidance) and writes ``summary.json``,
 ``generations.pt`` and ``grid.png`` to ``--out`` (default: the run directory itself). Saved
 generations and detection of the final model are reused when the overrides leave what produced
-them unchanged, so switching metrics costs no sampling. The filter statistics, timing and data
-skip counts of the training run are kept (not for a checkpoint, which they do not describe).
+them unchanged and the weights are the ones they came from, so switching metrics costs no
+sampling. The filter statistics, timing and data skip counts of the training run are kept (not
+for a checkpoint, which they do not describe).
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors.torch import load_file
 
 from data.dataset import build_data
-from evaluation.evaluate import evaluate_model, generation_settings, say
+from evaluation.evaluate import evaluate_model, model_fingerprint, say, weights_fingerprint
 from evaluation.preflight import check_metrics
 from evaluation.report import write_json
 from train.components import load_pretrained
 from train.summary import TRAINING_KEYS
 
 
-def run_config(run_dir: Path, overrides: list[str]) -> tuple[DictConfig, DictConfig]:
-    """The run's saved config with today's eval defaults filled in and ``overrides`` applied;
-    also the saved config itself. Unknown keys are an error, not a silent new setting."""
+def run_config(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The run's saved config with today's eval defaults filled in and ``overrides`` applied.
+    Unknown keys are an error, not a silent new setting."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; expected a memsieve-train run directory")
@@ -46,12 +47,20 @@ def run_config(run_dir: Path, overrides: list[str]) -> tuple[DictConfig, DictCon
     except OmegaConfBaseException as err:
         raise ValueError(f"bad override in {overrides}: {str(err).splitlines()[0]}; expected KEY=VALUE with "
                          f"KEY an existing setting such as eval.copy.metric") from None
-    return cfg, saved
+    return cfg
+
+
+# The files of an accelerate checkpoint that hold the weights evaluated (the optimizer's do not).
+CHECKPOINT_WEIGHTS = ("model.safetensors", "custom_checkpoint_0.pkl")
 
 
 def load_checkpoint_unet(unet, checkpoint: Path, ema: bool) -> None:
     """Put an accelerate checkpoint's UNet weights into ``unet``; its EMA average when ``ema``
     (the loop registers the EMA first, so it is ``custom_checkpoint_0``)."""
+    if not checkpoint.is_dir():
+        found = sorted(p.name for p in checkpoint.parent.glob("step-*")) if checkpoint.parent.is_dir() else []
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist; expected RUN_DIR/checkpoints/step-N"
+                                + (f", one of {', '.join(found)}" if found else ""))
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
         raise FileNotFoundError(f"{checkpoint} has no model.safetensors; expected RUN_DIR/checkpoints/step-N")
@@ -65,7 +74,7 @@ def load_checkpoint_unet(unet, checkpoint: Path, ema: bool) -> None:
 def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, checkpoint: Path | None = None) -> Path:
     """Evaluate ``run_dir``'s saved model (or ``checkpoint``) per its config plus ``overrides``;
     return the summary path."""
-    cfg, saved = run_config(run_dir, overrides)
+    cfg = run_config(run_dir, overrides)
     check_metrics(cfg, strict=True)  # before loading anything or writing to --out
     model = run_dir / "model"
     if not (model / "unet").is_dir():
@@ -73,15 +82,17 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, che
     out = out or (run_dir / f"eval_{checkpoint.name}" if checkpoint else run_dir)
     out.mkdir(parents=True, exist_ok=True)
     comps = load_pretrained(str(model), local_files_only=True)
+    weights = model_fingerprint(model)
     if checkpoint:
         load_checkpoint_unet(comps.unet, checkpoint, cfg.train.ema.enabled)
+        weights = weights_fingerprint([p for p in checkpoint.iterdir() if p.name in CHECKPOINT_WEIGHTS], checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     comps.for_inference(device)
     data = build_data(cfg.data)
     old = run_dir / "summary.json"
     previous = json.loads(old.read_text()) if old.exists() and not checkpoint else {}
-    summary = evaluate_model(comps, data, cfg, out, reuse=None if checkpoint else run_dir / "generations.pt",
-                             saved_settings=generation_settings(saved.eval), previous=previous, strict=True)
+    summary = evaluate_model(comps, data, cfg, out, weights, reuse=None if checkpoint else run_dir / "generations.pt",
+                             previous=previous, strict=True)
     summary.update({k: previous[k] for k in TRAINING_KEYS if k in previous})
     return write_json(out / "summary.json", summary)
 

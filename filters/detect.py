@@ -54,7 +54,7 @@ from filters.mitigation import Mitigation
 from filters.prompts import read_prompts
 from filters.sampling import PromptSeeds, sample_prompts
 from train.components import Components, build_components
-from train.overrides import reject_unknown_added_keys
+from train.overrides import check_overrides
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -250,7 +250,7 @@ def mitigate(cfg: DictConfig, comps: Components, prompts: list[str], seeds: Prom
 @hydra.main(config_path="pkg://configs", config_name="detect", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        reject_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
+        check_overrides(cfg, list(HydraConfig.get().overrides.task))
         summary = detect(cfg)
     except (ValueError, FileNotFoundError) as err:  # bad config or input: one line, no traceback
         raise SystemExit(f"memsieve-detect: error: {err}") from None

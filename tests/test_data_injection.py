@@ -142,3 +142,11 @@ def test_weighted_sampling_frequency(folder):
         assert abs(drawn[i] - total * p) < 5 * sd, (drawn[i], total * p)
     rest = sum(v for i, v in drawn.items() if i not in chosen) / 27
     assert 5 < sum(drawn[i] for i in chosen) / 3 / rest < 12  # about 8 times as often as a plain pair
+
+
+def test_weighted_sampling_needs_fraction_and_weight(folder):
+    _, src = folder
+    cfg = compose_train(["data=folder", f"data.path={src}", "data.resolution=16", "+data.weighted.fraction=0.1",
+                         "run_dir=unused"])
+    with pytest.raises(ValueError, match=r"data.weighted needs exactly fraction and weight, got \['fraction'\]"):
+        build_data(cfg.data)

@@ -95,6 +95,14 @@ def test_folder_sources_train(source, tmp_path):
     assert (got - want).abs().mean() < 12
 
 
+def test_imagefolder_without_metadata_is_named_before_datasets_walks_it(tmp_path):
+    w = world(4, 24, seed=5)
+    root = write_folder(w, tmp_path / "src")  # images and .txt captions: no metadata.jsonl
+    cfg = compose_train(["data=imagefolder", f"data.path={root}", "run_dir=unused"])
+    with pytest.raises(FileNotFoundError, match=rf"^data.path={root} has no metadata.jsonl .*data=folder reads"):
+        build_data(cfg.data)
+
+
 def test_modes_convert_to_rgb():
     spec = ImageSpec(resolution=8)
     rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 255))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -92,6 +93,31 @@ def test_memsieve_eval_switches_metrics_without_regenerating_and_changes_seeds(s
     regenerated = torch.load(tmp_path / "seeds" / "generations.pt")
     assert regenerated["seeds"] == [7] and regenerated["images"].shape[1] == 1
     assert json.loads((tmp_path / "seeds" / "summary.json").read_text())["prompts"]["seeds"] == [7]
+
+
+def test_memsieve_eval_regenerates_for_new_weights(sweep, tmp_path):
+    """A run whose model/ was rewritten since its evaluation (resumed or extended with
+    eval.enabled=false) gets new generations and detection, not the old model's; then they are reused."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(sweep / "1", run)
+    weights = run / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    name = next(k for k in state if k.endswith("conv_out.weight"))
+    state[name] = state[name] + 0.05 * torch.randn_like(state[name])
+    save_file(state, weights)
+    old = json.loads((run / "summary.json").read_text())
+    old_images = torch.load(run / "generations.pt")["images"]
+    proc = run_cli(python_cli("evaluation.reeval", str(run)), cwd=tmp_path)
+    assert "reusing" not in proc.stdout
+    new = json.loads((run / "summary.json").read_text())
+    assert new["detection"]["config"]["weights"] != old["detection"]["config"]["weights"]
+    assert new["detection"]["auc"] != old["detection"]["auc"] or \
+        new["detection"]["settings"] != old["detection"]["settings"]
+    assert not torch.equal(torch.load(run / "generations.pt")["images"], old_images)
+    proc = run_cli(python_cli("evaluation.reeval", str(run)), cwd=tmp_path)
+    assert "reusing" in proc.stdout and json.loads((run / "summary.json").read_text())["detection"] == new["detection"]
 
 
 def test_memsieve_eval_rejects_unknown_settings(sweep):

@@ -136,6 +136,16 @@ def test_wrong_model_paths_fail_in_one_line_in_train_and_detect(tmp_path, tiny_s
     for module, args, expected in cases:
         lines = fails(python_cli(module, *args), cwd=tmp_path)
         assert len(lines) == 1 and lines[0].startswith(expected), lines
+    # Downloads allowed but no connection (a closed port as the hub): at once, not after retries.
+    env = {**{k: v for k, v in ENV.items() if k != "HF_HUB_OFFLINE"}, "HF_ENDPOINT": "http://127.0.0.1:9"}
+    proc = subprocess.run(python_cli("filters.detect", "model.pretrained=CompVis/stable-diffusion-v1-4",
+                                     f"prompts={prompts}", f"out_dir={tmp_path / 'd'}"),
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith(
+        "memsieve-detect: error: model.pretrained=CompVis/stable-diffusion-v1-4 is not a local folder and could not "
+        "be loaded as a hub id: http://127.0.0.1:9 cannot be reached from this machine, so only the local cache was "
+        "searched; download the model where there is a connection and give its folder"), lines
 
 
 # ---------------------------------------- 4, 5, 7, 3. train without evaluation, evaluate later
@@ -244,6 +254,20 @@ def test_help_lists_only_selectable_groups_and_plus_typos_are_refused(tmp_path):
     # '+' still fills a slot the config leaves open (data.weighted is null by default).
     overrides = ["data=folder", "data.path=x", "+data.weighted.fraction=0.1", "+data.weighted.weight=8"]
     assert unknown_added_keys(compose_train([*overrides, "run_dir=unused"]), overrides) == []
+    # A setting the config marks ??? and the command leaves out is named in one line, not a traceback.
+    assert fails(python_cli("filters.detect", f"out_dir={tmp_path / 'd'}"), cwd=tmp_path) == [
+        "memsieve-detect: error: prompts must be set: add prompts=VALUE to the command"]
+
+
+def test_impossible_training_settings_are_refused_in_one_line():
+    """(A negative filter.z is allowed: it drops every pair once judged drop_observations times, as tests use.)"""
+    from train.loop import check_settings
+
+    good = {"steps": 10, "batch_size": 4, "gradient_accumulation_steps": 1, "lr": 1e-4}
+    check_settings(OmegaConf.create(good))
+    for key, bad in (("steps", -5), ("batch_size", 0), ("gradient_accumulation_steps", 0), ("lr", 0.0)):
+        with pytest.raises(ValueError, match=rf"^train.{key}={bad} must be"):
+            check_settings(OmegaConf.create({**good, key: bad}))
 
 
 def test_loading_for_inference_does_not_warn_about_float32_modules(tiny_sd_path, capfd):

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from train.cores import take_freed_cores_on_signal
 from train.loop import train
-from train.overrides import reject_unknown_added_keys
+from train.overrides import check_overrides
 from train.relaunch import relaunch, wants_relaunch
 
 
@@ -54,7 +54,7 @@ def result_lines(summary: dict, cfg: DictConfig) -> list[str]:
 @hydra.main(config_path="pkg://configs", config_name="train", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     try:
-        reject_unknown_added_keys(cfg, list(HydraConfig.get().overrides.task))
+        check_overrides(cfg, list(HydraConfig.get().overrides.task))
         if wants_relaunch(cfg):
             relaunch(cfg)  # the relaunched main process prints the results
             return

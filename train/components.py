@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
-from train.model_source import check_pretrained, hub_error
+from train.model_source import check_pretrained, goes_online, hub_error
 
 BOS, EOS, UNK = "<|startoftext|>", "<|endoftext|>", "<|unk|>"
 # eager: diffusers' plain matmul-softmax attention; sdpa: torch's scaled_dot_product_attention
@@ -157,9 +157,10 @@ def load_pretrained(path: str, revision: str | None = None, variant: str | None 
                     local_files_only: bool = False) -> Components:
     """Load any diffusers model folder or hub id (SD 1.x/2.x layout, VAE optional)."""
     check_pretrained(path)  # a wrong local path fails here in one line, not as a loader traceback
-    kw = {"revision": revision, "local_files_only": local_files_only}
     root = Path(path).expanduser()
     local = root.is_dir()
+    online = goes_online(path, local_files_only)
+    kw = {"revision": revision, "local_files_only": not online}
     source = str(root) if local else path
     try:
         with warnings.catch_warnings():
@@ -177,7 +178,7 @@ def load_pretrained(path: str, revision: str | None = None, variant: str | None 
     except OSError as err:  # diffusers/transformers report a missing hub model or cache entry as OSError
         if local:
             raise
-        raise hub_error(path, local_files_only, err) from None
+        raise hub_error(path, local_files_only, err, online=online) from None
 
 
 def build_components(cfg: DictConfig, vocabulary: list[str]) -> Components:

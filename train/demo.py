@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from evaluation.compare import write_comparison
 from train.cores import ENV, hand_freed_cores, usable_cores
-from train.overrides import reject_unknown_added_keys
+from train.overrides import check_overrides
 
 
 def key_of(override: str) -> str:
@@ -99,7 +99,7 @@ def main(cfg: DictConfig) -> None:
     out = Path(HydraConfig.get().runtime.output_dir)
     task = list(HydraConfig.get().overrides.task)
     try:  # demo.runs is the user's to extend: +demo.runs.NAME=[overrides] adds a run
-        reject_unknown_added_keys(cfg, [o for o in task if not o.startswith("+demo.runs.")])
+        check_overrides(cfg, [o for o in task if not o.startswith("+demo.runs.")])
     except ValueError as err:
         raise SystemExit(f"memsieve-demo: error: {err}") from None
     choices = HydraConfig.get().runtime.choices

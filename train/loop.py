@@ -80,9 +80,20 @@ class TrainResult:
     seconds_per_step: float
 
 
+def check_settings(tc: DictConfig) -> None:
+    """Refuse, before any work, a run that cannot train: no steps or samples, or a learning rate
+    that does not move the weights (a negative ``train.steps`` used to save the untrained model)."""
+    for key in ("steps", "batch_size", "gradient_accumulation_steps"):
+        if tc[key] < 1:
+            raise ValueError(f"train.{key}={tc[key]} must be >= 1")
+    if tc.lr <= 0:
+        raise ValueError(f"train.lr={tc.lr} must be > 0 (Wen et al. fine-tune SD v1.4 at 1e-5)")
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Train per ``cfg`` into ``run_dir``; resume from its latest checkpoint when asked."""
     tc = cfg.train
+    check_settings(tc)
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file checkpoint INFO lines drown the log
     accelerator = Accelerator(gradient_accumulation_steps=tc.gradient_accumulation_steps,
                               mixed_precision=tc.mixed_precision,

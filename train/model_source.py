@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 WEIGHTS = ("*.safetensors", "*.bin", "*.index.json")  # variants (fp16) and shards included
 # Every part of an SD folder and the files that make it loadable: (name shown, patterns, any one of which will do).
@@ -50,6 +52,30 @@ def offline(local_files_only: bool) -> bool:
     return local_files_only or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the hub (``HF_ENDPOINT``). On a node without internet,
+    huggingface_hub retries each file with backoff for half a minute, printing every retry; this
+    finds out at once. Behind a proxy (``HTTPS_PROXY`` and the like) the hub is assumed reachable."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def goes_online(name: str, local_files_only: bool) -> bool:
+    """Whether loading ``name`` may use the network: a hub id, downloads allowed, the hub reachable.
+    Loaders pass ``local_files_only=not goes_online(...)``, so an unreachable hub means the cache."""
+    return not Path(name).expanduser().exists() and not offline(local_files_only) and hub_reachable()
+
+
 def check_pretrained(name: str, setting: str = "model.pretrained") -> None:
     """Fail in one line when ``name`` is a local path that is not a complete diffusers SD folder.
 
@@ -70,13 +96,18 @@ def check_pretrained(name: str, setting: str = "model.pretrained") -> None:
 
 
 def hub_error(name: str, local_files_only: bool, err: Exception, setting: str = "model.pretrained",
-              flag: str = "model.local_files_only") -> FileNotFoundError:
-    """One line for a hub id that could not be loaded, saying where it was looked for."""
+              flag: str = "model.local_files_only", online: bool = True) -> FileNotFoundError:
+    """One line for a hub id that could not be loaded, saying where it was looked for
+    (``online``: what :func:`goes_online` said for it)."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    where = (f"only the local cache was searched ({flag}={str(local_files_only).lower()}"
-             f"{', HF_HUB_OFFLINE set' if offline(False) else ''}); allow downloads or give a local folder"
-             if offline(local_files_only) else
-             f"the hub could not be reached or has no such model ({flag}=false); check the id and the "
-             "network, or give a local folder")
+    if offline(local_files_only):
+        where = (f"only the local cache was searched ({flag}={str(local_files_only).lower()}"
+                 f"{', HF_HUB_OFFLINE set' if offline(False) else ''}); allow downloads or give a local folder")
+    elif not online:
+        where = (f"{hub_endpoint()} cannot be reached from this machine, so only the local cache was searched; "
+                 "download the model where there is a connection and give its folder")
+    else:
+        where = (f"the hub could not be reached or has no such model ({flag}=false); check the id and the "
+                 "network, or give a local folder")
     return FileNotFoundError(f"{setting}={name} is not a local folder and could not be loaded as a hub id: "
                              f"{where} [{first[:200]}]")

@@ -3,7 +3,8 @@
 Hydra's hint for a mistyped key (``train.stepz=5``) is to add it with ``+``, and ``+train.stepz=5``
 then runs silently with the typo ignored. memsieve's settings are all in its config files, so a
 ``+KEY=VALUE`` is only meaningful where the config leaves a slot open: under a node that is
-``null`` by default, such as ``+data.weighted.fraction=0.1``. Everything else is refused in one line.
+``null`` by default, such as ``+data.weighted.fraction=0.1``. Everything else is refused in one line,
+as is a setting the config marks ``???`` (``data.path`` of ``data=folder``) left unset.
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ def unknown_added_keys(cfg: DictConfig, task_overrides: list[str]) -> list[str]:
     return problems
 
 
-def reject_unknown_added_keys(cfg: DictConfig, task_overrides: list[str]) -> None:
+def check_overrides(cfg: DictConfig, task_overrides: list[str]) -> None:
+    """Refuse misspelled ``+KEY`` overrides and required settings left unset, in one line each."""
     problems = unknown_added_keys(cfg, task_overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        problems.append(f"{', '.join(missing)} must be set: add {' '.join(f'{k}=VALUE' for k in missing)} "
+                        f"to the command")
     if problems:
         raise ValueError("; ".join(problems))
