@@ -129,7 +129,7 @@ def test_checkpoint_evaluates_its_ema_weights(tmp_path):
     """A checkpoint at step 2 holds what a 2-step run saves as its model: the EMA-averaged UNet."""
     from safetensors.torch import load_file
 
-    from evaluation.reeval import load_checkpoint_unet
+    from evaluation.reeval import load_checkpoint_unet, reevaluate
     from train.components import load_pretrained
 
     common = [*MICRO, "eval.enabled=false", "logging.wandb.enabled=false", "train.ema.enabled=true",
@@ -143,3 +143,7 @@ def test_checkpoint_evaluates_its_ema_weights(tmp_path):
     assert all(torch.allclose(unet.state_dict()[k], v) for k, v in expected.items())
     raw = load_file(long / "checkpoints" / "step-2" / "model.safetensors")
     assert any(not torch.allclose(raw[k], v) for k, v in expected.items())  # the average, not the raw weights
+    with pytest.raises(FileNotFoundError, match=r"step-9 does not exist; expected RUN_DIR/checkpoints/step-N, one "
+                                                r"of step-2$"):
+        reevaluate(long, [], checkpoint=long / "checkpoints" / "step-9")
+    assert not (long / "eval_step-9").exists()
