@@ -90,12 +90,12 @@ def exposure_effects(s: dict[str, torch.Tensor], window: int) -> str:
     t, step, seen = s["t"][m], s["step"][m], s["seen"][m].double()
     band = (t // 50).clamp(max=19)
     win = (step - 1) // window
-    cols = [torch.nn.functional.one_hot(win, int(win.max()) + 1).double(),
+    windows = int(win.max()) + 1
+    cols = [torch.nn.functional.one_hot(win, windows).double(),
             torch.nn.functional.one_hot(band, 20).double()[:, 1:], seen[:, None]]
     coef = torch.linalg.lstsq(torch.cat(cols, dim=1), s["magnitude"][m].double().log()[:, None]).solution[:, 0]
-    windows = int(win.max()) + 1
     drift = (coef[:windows] - coef[0]).exp()
-    last = win == win.max()
+    last = win == windows - 1
     return (f"other pairs, {int(m.sum())} samples: x{float(coef[-1].exp()):.4f} per earlier draw of the pair; "
             f"training as such, same draws and timestep band: x{float(drift[-1]):.2f} from the first {window} "
             f"steps to the last (per window: {', '.join(f'{float(d):.2f}' for d in drift)}); mean earlier draws "

@@ -80,10 +80,12 @@ def reevaluate(run_dir: Path, overrides: list[str], out: Path | None = None, che
     if not (model / "unet").is_dir():
         raise FileNotFoundError(f"{model} has no unet/; expected a finished memsieve-train run")
     comps = load_pretrained(str(model), local_files_only=True)
-    weights = model_fingerprint(model)
     if checkpoint:
         load_checkpoint_unet(comps.unet, checkpoint, cfg.train.ema.enabled)
-        weights = weights_fingerprint([p for p in checkpoint.iterdir() if p.name in CHECKPOINT_WEIGHTS], checkpoint)
+        weights = weights_fingerprint([checkpoint / n for n in CHECKPOINT_WEIGHTS if (checkpoint / n).is_file()],
+                                      checkpoint)
+    else:
+        weights = model_fingerprint(model)
     out = out or (run_dir / f"eval_{checkpoint.name}" if checkpoint else run_dir)
     out.mkdir(parents=True, exist_ok=True)  # only once the weights have loaded: a failure leaves no folder
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

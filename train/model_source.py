@@ -10,6 +10,7 @@ searched (``model.local_files_only`` / ``HF_HUB_OFFLINE``).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -56,10 +57,12 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
 
 
+@functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick connection to the hub (``HF_ENDPOINT``). On a node without internet,
     huggingface_hub retries each file with backoff for half a minute, printing every retry; this
-    finds out at once. Behind a proxy (``HTTPS_PROXY`` and the like) the hub is assumed reachable."""
+    finds out at once. Behind a proxy (``HTTPS_PROXY`` and the like) the hub is assumed reachable.
+    Asked once per process: the SD model, the CLIP check and the CLIP scorer share the answer."""
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
         return True
     url = urlparse(hub_endpoint())
