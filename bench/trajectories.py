@@ -3,7 +3,8 @@
 Answers what a fixed threshold would do to a run before running it: per window of steps, the
 mean magnitude of duplicated and other samples by noise band and the fraction of each above
 ``--threshold`` (e.g. the value ``filter.choose`` picked from the base model, in the run's
-``threshold.json``); each duplicated pair's own mean magnitude per window (its trajectory);
+``threshold.json``), and for a filtered run the share it dropped by noise band; each duplicated
+pair's own mean magnitude per window (its trajectory);
 (``--exposure``) how much of the other pairs' drift comes with seeing a pair again rather than
 with training as such; and (``--sweep``) what every fixed threshold would drop of each group, the
 question the paper's rule stands or falls by (measured on a run that drops nothing, so it reads
@@ -133,6 +134,17 @@ def auc(s: dict[str, torch.Tensor], sel: torch.Tensor) -> float:
     return float(roc_auc_score(s["dup"][sel].numpy(), s["magnitude"][sel].numpy()))
 
 
+def dropped_by_band(s: dict[str, torch.Tensor]) -> str:
+    """Share of each group's samples a filter dropped, by noise band: where a filtered run stopped
+    training on a pair (copying is decided at high noise, where epsilon-space magnitudes are small)."""
+    lines = ["| dropped | " + " | ".join(BANDS) + " |", "|---" * (len(BANDS) + 1) + "|"]
+    for name, sel in (("duplicated", s["dup"]), ("other", ~s["dup"])):
+        cells = [f"{float((~s['keep'][sel & (s['t'] >= a) & (s['t'] < b)]).float().mean()):.1%}"
+                 for a, b in BANDS.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", type=Path, help="a run directory with decisions.jsonl")
@@ -146,6 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     s = load(args.run)
     print(windows_table(s, args.window, args.threshold))
+    if not s["keep"].all():
+        print()
+        print(dropped_by_band(s))
     if args.pairs:
         print()
         print(pair_table(s, args.window))
