@@ -46,6 +46,11 @@ def load(run_dir: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def in_band(s: dict[str, torch.Tensor], a: int, b: int) -> torch.Tensor:
+    """Samples whose timestep lies in ``[a, b)``."""
+    return (s["t"] >= a) & (s["t"] < b)
+
+
 def windows_table(s: dict[str, torch.Tensor], window: int, threshold: float | None) -> str:
     head = ["steps", *(f"{g} {b}" for g in ("dup", "other") for b in BANDS)]
     if threshold is not None:
@@ -57,7 +62,7 @@ def windows_table(s: dict[str, torch.Tensor], window: int, threshold: float | No
         cells = [f"{lo + 1}-{min(lo + window, last)}"]
         for sel in (s["dup"], ~s["dup"]):
             for a, b in BANDS.values():
-                m = w & sel & (s["t"] >= a) & (s["t"] < b)
+                m = w & sel & in_band(s, a, b)
                 cells.append(f"{s['magnitude'][m].mean():.3f}" if m.any() else "")
         if threshold is not None:
             for sel in (s["dup"], ~s["dup"]):
@@ -122,7 +127,7 @@ def sweep_table(s: dict[str, torch.Tensor], quantiles: tuple[float, ...] = (0.5,
         ratio = f"{d / o:.2f}" if o else ""
         lines.append(f"| {t:.3f} | {q:g} | {d:.1%} | {o:.1%} | {ratio} |")
     best = float((dup > float(other.quantile(0.95))).float().mean())
-    bands = ", ".join(f"{name} {auc(s, ok & (s['t'] >= a) & (s['t'] < b)):.3f}" for name, (a, b) in BANDS.items())
+    bands = ", ".join(f"{name} {auc(s, ok & in_band(s, a, b)):.3f}" for name, (a, b) in BANDS.items())
     lines.append(f"\n{len(dup)} duplicated and {len(other)} other samples; per-sample AUC of the magnitude "
                  f"{auc(s, ok):.3f} (by noise band: {bands}); the most any one threshold drops of the duplicated "
                  f"samples while dropping at most 5% of the others: {best:.1%}")
@@ -139,7 +144,7 @@ def dropped_by_band(s: dict[str, torch.Tensor]) -> str:
     training on a pair (copying is decided at high noise, where epsilon-space magnitudes are small)."""
     lines = ["| dropped | " + " | ".join(BANDS) + " |", "|---" * (len(BANDS) + 1) + "|"]
     for name, sel in (("duplicated", s["dup"]), ("other", ~s["dup"])):
-        cells = [f"{float((~s['keep'][sel & (s['t'] >= a) & (s['t'] < b)]).float().mean()):.1%}"
+        cells = [f"{float((~s['keep'][sel & in_band(s, a, b)]).float().mean()):.1%}"
                  for a, b in BANDS.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
