@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.captions import CaptionPolicy, CaptionSpec, alternative_source
 from data.dedup import DedupSpec, deduplicate
+from data.fingerprint import ORACLE, ContentKeys, KeySpec
 from data.images import ImageSpec, decode
 from data.injection import DuplicationManifest, Entry, choose_pairs, choose_weighted, counts_from_list, expand_plan
 from data.sampler import DrawSampler
@@ -85,13 +86,16 @@ def centred(spec: ImageSpec) -> ImageSpec:
 
 class PairDataset(Dataset):
     """Training samples of a duplication plan; item ``(i, draw)`` is plan entry ``i`` with the
-    randomness of its crop, flip and caption seeded by ``draw``. ``captions`` are per source record."""
+    randomness of its crop, flip and caption seeded by ``draw``. ``captions`` are per source record;
+    ``content`` (when the filter keys by content) gives each sample its record's fingerprint key."""
 
     def __init__(self, entries: list[Entry], keys: list[str], captions: list[list[str]],
                  manifest: DuplicationManifest, policy: CaptionPolicy, images: torch.Tensor | None = None,
-                 index: SourceIndex | None = None, spec: ImageSpec | None = None):
+                 index: SourceIndex | None = None, spec: ImageSpec | None = None,
+                 content: ContentKeys | None = None):
         self.entries, self.keys, self.captions, self.manifest = entries, keys, captions, manifest
         self.policy, self.images, self.index, self.spec = policy, images, index, spec
+        self.content = content
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -106,13 +110,16 @@ class PairDataset(Dataset):
             pixels = decode(data, self.spec, rng)
         key = self.keys[entry.pair]
         captions = self.captions[entry.record if entry.text < 0 else entry.text]
-        return {
+        item = {
             "pixel_values": pixels.float() / 127.5 - 1.0,
             "caption": self.policy.draw(captions, entry.variant, self.manifest.seed, rng),
             "key": key,
             "pair": entry.pair,
             "duplicated": self.manifest.is_duplicated(key),
         }
+        if self.content is not None:
+            item["content"] = self.content.slot(entry.record, lambda: decode(data, centred(self.spec)))
+        return item
 
     def __getitem__(self, item: tuple[int, tuple[int, ...]]) -> dict:
         i, draw = item
@@ -121,14 +128,19 @@ class PairDataset(Dataset):
 
 def collate(items: list[dict]) -> dict:
     """One batch: ``pixel_values`` in [-1, 1], ``caption``/``key`` lists, ``pair`` (each sample's base-pair
-    index, the same for every copy and caption variant of a pair) long tensor, ``duplicated`` bool tensor."""
-    return {
+    index in the injection plan, the same for every copy and caption variant of a pair: ground truth, for
+    logs and the oracle key) long tensor, ``duplicated`` bool tensor, and ``content`` (the record's
+    fingerprint key, :mod:`data.fingerprint`) long tensor when the dataset computes it."""
+    batch = {
         "pixel_values": torch.stack([it["pixel_values"] for it in items]),
         "caption": [it["caption"] for it in items],
         "key": [it["key"] for it in items],
         "pair": torch.tensor([it["pair"] for it in items], dtype=torch.long),
         "duplicated": torch.tensor([it["duplicated"] for it in items], dtype=torch.bool),
     }
+    if "content" in items[0]:
+        batch["content"] = torch.tensor([it["content"] for it in items], dtype=torch.long)
+    return batch
 
 
 @dataclass
@@ -147,6 +159,16 @@ class TrainingData:
     weights: torch.Tensor | None = None
     stream: ShardStream | None = None
     world_renders: bool = False  # a real source holding embedded-world renders (its marker file says so)
+    key_spec: KeySpec = field(default_factory=KeySpec)
+
+    @property
+    def num_keys(self) -> int:
+        """How many keys the filter's memory needs: content slots, or base pairs for the oracle."""
+        return self.dataset.content.size if self.dataset.content is not None else len(self.pairs)
+
+    def filter_keys(self, batch: dict) -> torch.Tensor:
+        """The keys the filter pools judgements under (``filter.key``): fingerprints, or the oracle's pairs."""
+        return batch["content"] if self.dataset.content is not None else batch["pair"]
 
     @property
     def embedded_world(self) -> bool:
@@ -213,15 +235,16 @@ def dedup(cfg: DictConfig, entries: list[Entry], keys: list[str], manifest: Dupl
     return [entries[i] for i in keep], None if weights is None else weights[keep]
 
 
-def build_embedded(cfg: DictConfig, tokenizer=None) -> TrainingData:
+def build_embedded(cfg: DictConfig, tokenizer=None, keys: KeySpec = ORACLE) -> TrainingData:
     world = generate_world(WorldConfig(**cfg.world))
     entries, manifest, weights = plan(cfg, world.keys, list(range(len(world.keys))))
     entries, weights = dedup(cfg, entries, world.keys, manifest, weights, lambda records: world.images[records])
     captions = world.caption_sets()
     policy = CaptionPolicy(CaptionSpec.from_config(cfg.get("captions")), captions, tokenizer)
-    dataset = PairDataset(entries, world.keys, captions, manifest, policy, images=world.images)
+    content = ContentKeys.of_images(keys, world.images) if keys.fingerprint else None
+    dataset = PairDataset(entries, world.keys, captions, manifest, policy, images=world.images, content=content)
     return TrainingData(dataset=dataset, pairs=BasePairs(world.keys, world.captions, world.images),
-                        manifest=manifest, world=world, weights=weights)
+                        manifest=manifest, world=world, weights=weights, key_spec=keys)
 
 
 def source_folder(cfg: DictConfig) -> Path | None:
@@ -263,7 +286,7 @@ def base_pairs(index: SourceIndex, num_pairs: int | None) -> tuple[list[str], li
     return list(first), list(first.values())
 
 
-def build_real(cfg: DictConfig, tokenizer=None) -> TrainingData:
+def build_real(cfg: DictConfig, tokenizer=None, key_spec: KeySpec = ORACLE) -> TrainingData:
     """Index a real source, take its base pairs, and plan duplicates over them.
 
     A source that already holds repeated keys was materialized (``memsieve-data build``): its
@@ -306,12 +329,13 @@ def build_real(cfg: DictConfig, tokenizer=None) -> TrainingData:
     policy = CaptionPolicy(cspec, [index.records[r].captions for r in records], tokenizer)
     if manifest.mode == "image_only" and not manifest.caption_source:
         manifest.caption_source = alternative_source(cspec)
+    content = ContentKeys.hashed(key_spec, len(index.records)) if key_spec.fingerprint else None
     dataset = PairDataset(entries, keys, [rec.captions for rec in index.records], manifest, policy, index=index,
-                          spec=spec)
+                          spec=spec, content=content)
     main_captions = [index.records[r].captions[0] for r in records]
     data = TrainingData(dataset=dataset, pairs=SourcePairs(keys, main_captions, records, index, spec),
                         manifest=manifest, skipped=dict(sorted(index.skipped.items())), weights=weights,
-                        world_renders=renders_embedded_world(cfg))
+                        world_renders=renders_embedded_world(cfg), key_spec=key_spec)
     if mode == "stream":
         from data.stream import ShardStream
 
@@ -335,9 +359,9 @@ def access(cfg: DictConfig) -> str:
     return mode
 
 
-def build_data(cfg: DictConfig, tokenizer=None) -> TrainingData:
+def build_data(cfg: DictConfig, tokenizer=None, keys: KeySpec = ORACLE) -> TrainingData:
     """Build the configured source and inject duplicates into it; ``tokenizer`` (the model's) serves the
-    random-token caption baselines."""
+    random-token caption baselines; ``keys`` (the filter's ``filter.key``) says which key samples carry."""
     if cfg.source == "embedded":
-        return build_embedded(cfg, tokenizer)
-    return build_real(cfg, tokenizer)
+        return build_embedded(cfg, tokenizer, keys)
+    return build_real(cfg, tokenizer, keys)

@@ -339,6 +339,18 @@ def image_bytes(value) -> bytes | None:
 METADATA = [f"{top}metadata.{ext}" for top in ("", "*/") for ext in ("jsonl", "csv", "parquet")]
 
 
+def table_key(path: str, root: str | None) -> str:
+    """A table row's key from its image path: relative to the data folder when under it, without the
+    suffix, so ``a/1.jpg`` and ``b/1.jpg`` stay two pairs (the file name alone made them one)."""
+    file = Path(path).with_suffix("")
+    if root is not None:
+        try:
+            return file.resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            pass
+    return file.as_posix()
+
+
 def scan_table(cfg, spec: ImageSpec) -> SourceIndex:
     """A ``datasets`` table: ``imagefolder`` (a folder with ``metadata.jsonl``), parquet files or a hub id."""
     import datasets
@@ -380,7 +392,7 @@ def scan_table(cfg, spec: ImageSpec) -> SourceIndex:
         if keys is not None:
             key = str(keys[i])
         elif value and value.get("path"):
-            key = Path(value["path"]).with_suffix("").name
+            key = table_key(value["path"], cfg.get("path") or cfg.get("data_dir"))
         else:
             key = f"{i:08d}"
         scan.add(key, image_bytes(value), captions_of(row[caption_col] or "", meta), (i,))

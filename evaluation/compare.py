@@ -5,7 +5,9 @@ subdirectory holding a ``summary.json`` is a run). It writes ``comparison.csv`` 
 run), ``comparison.md`` (one row per metric, one column per run), ``comparison.json``,
 ``comparison.png`` (copy similarity against alignment, one point per run), the trade-off figures
 ``tradeoff_<mode>.png`` with ``tradeoff.{csv,json,md}`` (one curve per mitigation, grouped by
-method and strength read from each run's config: :mod:`evaluation.tradeoff`) and, when the runs
+method and strength read from each run's config: :mod:`evaluation.tradeoff`),
+``attribution.{md,json}`` (each filter's copy cut beside its placebo's and the attributable cut,
+mean ± sd over worlds: :mod:`evaluation.attribution`) and, when the runs
 differ in duplication count, ``duplication.png`` (memorization against duplication count, one
 line per filter). All go to W&B (offline unless logged in) as tables with a scatter and line
 plots. ``experiment=dup_sweep`` and ``experiment=tradeoff`` call it at the end of the sweep
@@ -28,6 +30,7 @@ import yaml  # noqa: E402
 from hydra.experimental.callback import Callback  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from evaluation.attribution import write_attribution  # noqa: E402
 from evaluation.report import flatten, write_json  # noqa: E402
 from evaluation.tradeoff import wandb_logs, write_tradeoff  # noqa: E402
 from train.tracking import wandb_mode  # noqa: E402
@@ -37,6 +40,7 @@ TABLE_KEYS = ("copy/duplicated", "copy/other", "copy/gap",
               "copy/nearest/duplicated/above_threshold", "copy/nearest/duplicated/own_is_nearest",
               "copy/nearest/other/mean_max", "copy/nearest/other/p95", "copy/nearest/other/above_threshold",
               "alignment/duplicated", "alignment/other",
+              "filter/key", "filter/placebo", "filter/keys_dropped",
               "filter/dropped_fraction/duplicated", "filter/dropped_fraction/other", "timing/seconds_per_step")
 # Detection rows come per setting (eval.detection.settings: the paper's first step x 1 generation
 # and the first 10 steps x 4 generations by default), so runs that evaluated different settings
@@ -141,7 +145,7 @@ def write_table(out: Path, runs: list[Run]) -> None:
         for r in runs:
             writer.writerow({"run": r.name, "filter": r.filter, "copies": r.copies, "directory": r.directory,
                              **{k: r.metrics.get(k) for k in keys}})
-    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: "" if v is None else str(v) if isinstance(v, str | bool | int) else f"{v:.4f}"  # noqa: E731
     lines = ["| metric | " + " | ".join(r.name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
     lines += [f"| {k} | " + " | ".join(fmt(r.metrics.get(k)) for r in runs) + " |"
               for k in keys if any(r.metrics.get(k) is not None for r in runs)]
@@ -211,9 +215,10 @@ def plot_duplication(out: Path, runs: list[Run]) -> Path:
     return path
 
 
-def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: DictConfig, tradeoff: dict) -> None:
-    """The per-run table, a scatter of copy against alignment, the trade-off tables and lines and,
-    for a sweep, memorization lines."""
+def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: DictConfig, tradeoff: dict,
+              attributed: dict) -> None:
+    """The per-run table, a scatter of copy against alignment, the trade-off tables and lines, the
+    attributable cuts and, for a sweep, memorization lines."""
     import wandb
 
     keys = table_keys(runs)
@@ -227,6 +232,10 @@ def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: Dict
                                                             title="copy vs alignment (duplicated prompts)"),
                   **{f"comparison/{name}": wandb.Image(str(p)) for name, p in pngs.items()},
                   **wandb_logs(tradeoff)}
+        if attributed["worlds"]:
+            columns = list(attributed["worlds"][0])
+            logged["comparison/attribution"] = wandb.Table(
+                columns=columns, data=[[row[c] for c in columns] for row in attributed["worlds"]])
         for key in MEMORIZATION_KEYS if is_duplication_sweep(runs) else ():
             lines = duplication_lines(runs, key)
             if lines:
@@ -246,10 +255,11 @@ def compare(out: Path, runs: list[Run], wandb_cfg: DictConfig | None) -> Path:
     pngs.update(tradeoff_pngs)
     if is_duplication_sweep(runs):
         pngs["duplication"] = plot_duplication(out, runs)
+    attributed = write_attribution(out, runs)
     path = write_json(out / "comparison.json", {**{r.name: r.summary for r in runs},
                                                 "runs": {r.name: str(r.directory) for r in runs}})
     if wandb_cfg is not None and wandb_cfg.enabled:
-        log_wandb(out, runs, pngs, wandb_cfg, tradeoff)
+        log_wandb(out, runs, pngs, wandb_cfg, tradeoff, attributed)
     return path
 
 
@@ -286,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"memsieve-compare: error: {err}") from None
     print((out / "comparison.md").read_text(), end="")
+    print((out / "attribution.md").read_text(), end="")
     print(path)
 
 

@@ -59,7 +59,8 @@ MITIGATIONS: tuple[tuple[str, Callable[[DictConfig], dict[str, float] | None]], 
      {"hamming": 0.0 if select(c, "data.dedup.method") == "exact" else float(select(c, "data.dedup.max_distance"))}),
     ("threshold", lambda c: {"threshold": float(select(c, "filter.threshold"))}
      if select(c, "filter.kind") == "threshold" else None),
-    ("calibrated", lambda c: {"z": float(select(c, "filter.z"))} if select(c, "filter.kind") == "calibrated" else None),
+    ("calibrated", lambda c: {"fdr": float(select(c, "filter.fdr"))} if select(c, "filter.kind") == "calibrated" else None),
+    ("calibrated_z", lambda c: {"z": float(select(c, "filter.z"))} if select(c, "filter.kind") == "calibrated_z" else None),
     *((name, (lambda n: lambda c: caption_strength(c) if select(c, "data.captions.augmentation") == n else None)(name))
       for name in CAPTION_AUGMENTATIONS),
     ("multiple", lambda c: {"captions": float(select(c, "data.world.num_captions", 0) or 0)}
@@ -80,7 +81,10 @@ def method_of(cfg: DictConfig | None, summary_filter: str | None = None) -> tupl
     used = [(name, s) for name, s in used if s is not None]
     if not used:
         return UNMITIGATED, {}
-    return "+".join(n for n, _ in used), {f"{n}.{k}" if len(used) > 1 else k: v for n, s in used for k, v in s.items()}
+    # A placebo (filter.placebo) is a method of its own: the control its filter's points stand beside.
+    placebo = " placebo" if select(cfg, "filter.placebo", False) else ""
+    return "+".join(n for n, _ in used) + placebo, \
+        {f"{n}.{k}" if len(used) > 1 else k: v for n, s in used for k, v in s.items()}
 
 
 def setting_of(cfg: DictConfig | None) -> tuple[str, int | None]:

@@ -5,17 +5,27 @@ The policy interface, as the loop (``train/loop.py``) drives it once per micro-s
 1. ``judge(pairs, timesteps, noise)``: which of this rank's samples get the extra no-grad forward
    that measures their magnitude (all of them unless ``filter.judge_fraction`` < 1); ``noise`` is
    one uniform draw per sample, addressed by global batch position (``train.randomness``).
-2. ``keep(magnitude, timesteps, step, pairs)``: which of this rank's samples enter the loss.
+2. ``keep(magnitude, timesteps, step, pairs, order)``: which of this rank's samples enter the loss.
    ``magnitude`` is ``nan`` where the sample was not judged.
-3. ``observe(magnitude, timesteps, valid, pairs)``: update the statistics with the whole
-   gathered (all-rank) batch; ``valid`` marks captioned, judged samples.
+3. ``observe(magnitude, timesteps, valid, pairs, kept, order)``: update the statistics with the
+   whole gathered (all-rank) batch; ``valid`` marks captioned, judged samples.
 
-``pairs`` are base-pair indices (``batch["pair"]``: the pair a sample was drawn from, whatever
-caption augmentation, repetition or ``image_only`` duplication did to its caption), in
-``[0, num_pairs)``. Decisions use only statistics from earlier steps (``observe`` runs after
-``keep``) and every rank observes the same gathered batch in the same order, so every rank holds
-the same state and drops by the same rule under DDP. ``state_dict``/``load_state_dict`` save and
-restore that state (accelerate checkpoints it); ``to(device)`` moves it to the training device.
+``pairs`` are the keys the filter pools a pair's judgements under (``filter.key``,
+:mod:`data.fingerprint`): content fingerprints by default, the injection plan's base-pair index
+only as the named oracle; integers in ``[0, num_keys)``. Decisions use only statistics from
+earlier steps (``observe`` runs after ``keep``) and every rank observes the same gathered batch in
+the same order, so every rank holds the same state and drops by the same rule under DDP.
+``state_dict``/``load_state_dict`` save and restore that state (accelerate checkpoints it);
+``to(device)`` moves it to the training device.
+
+**Placebo** (``filter.placebo=true``): the same policy on the same judged samples, timesteps and
+decision machinery, with each magnitude's link to its sample removed before the rule reads it,
+by ``order`` (one seeded uniform draw per sample, ``train.randomness.placebo_order``): the
+calibrated filters read, for each judged sample, a recent magnitude of the same timestep bucket
+drawn from the bucket's window (:meth:`filters.timestep_scale.TimestepScale.placebo`); the fixed
+threshold reads another judged sample's magnitude from the same batch (as many drops per batch).
+The population of magnitudes, their timestep scale and how often each key is judged stay; only
+which sample a magnitude belongs to goes. Whatever a placebo run cuts, the magnitude did not cause.
 """
 
 from __future__ import annotations
@@ -26,6 +36,15 @@ import torch
 from omegaconf import DictConfig
 
 from filters.population import ExactLimit, HistogramLimit, build_limit
+from filters.timestep_scale import TimestepScale, occurrence_rounds
+
+
+def shuffled(values: torch.Tensor, mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``values`` with the entries under ``mask`` permuted among themselves by ``order`` (the placebo)."""
+    at = mask.nonzero().squeeze(1)
+    out = values.clone()
+    out[at] = values[at][order.to(values.device)[at].argsort()]
+    return out
 
 
 class FilterPolicy:
@@ -35,6 +54,8 @@ class FilterPolicy:
     seeded ``noise``: the logged curves (duplicated against other samples, by noise band) stay
     unbiased estimates while an unfiltered run pays for the extra forward on fewer samples.
     """
+
+    placebo = False
 
     def __init__(self, judge_fraction: float = 1.0):
         if not 0 < judge_fraction <= 1:
@@ -53,13 +74,26 @@ class FilterPolicy:
         chosen[noise.to(pairs.device).topk(k, largest=False).indices] = True
         return chosen
 
+    def least_judged_first(self, count: torch.Tensor, in_range: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """``judge_fraction`` of the samples: those of the keys with the fewest judgements (``count``, per
+        sample) in the judged timestep range (``in_range``) first, ties broken by the seeded noise."""
+        n = count.numel()
+        k = math.ceil(self.judge_fraction * n)
+        chosen = torch.zeros(n, dtype=torch.bool, device=count.device)
+        if k >= n:
+            return chosen | True
+        priority = count.double() + noise.to(count.device).double() + (~in_range).double() * 2.0**40
+        chosen[priority.topk(k, largest=False).indices] = True
+        return chosen
+
     def keep(self, magnitude: torch.Tensor, timesteps: torch.Tensor, step: int,
-             pairs: torch.Tensor | None = None) -> torch.Tensor:
+             pairs: torch.Tensor | None = None, order: torch.Tensor | None = None) -> torch.Tensor:
         """Which samples enter the loss."""
         return torch.ones_like(magnitude, dtype=torch.bool)
 
     def observe(self, magnitude: torch.Tensor, timesteps: torch.Tensor, valid: torch.Tensor,
-                pairs: torch.Tensor | None = None, kept: torch.Tensor | None = None) -> None:
+                pairs: torch.Tensor | None = None, kept: torch.Tensor | None = None,
+                order: torch.Tensor | None = None) -> None:
         """Update running statistics with the whole (all-rank) batch; ``kept`` is what ``keep``
         decided for it, gathered like the rest (``None``: nothing was dropped)."""
 
@@ -73,117 +107,84 @@ class FilterPolicy:
 class FixedThreshold(FilterPolicy):
     """Drop samples whose magnitude reaches a fixed threshold (Wen et al. used 2 on SD v1.4).
 
-    As the reference code, a sample is kept when ``magnitude < threshold``.
+    As the reference code, a sample is kept when ``magnitude < threshold``. Its placebo compares
+    the threshold with another judged sample's magnitude from the same rank's batch: as many
+    samples are dropped per batch, none for its own magnitude.
     """
 
-    def __init__(self, threshold: float, start_step: int = 0):
+    def __init__(self, threshold: float, start_step: int = 0, placebo: bool = False):
         super().__init__()  # every sample judged: an unjudged one (nan) would count as above the threshold
         if threshold <= 0:
             raise ValueError(f"filter.threshold={threshold} must be > 0")
-        self.threshold, self.start_step = threshold, start_step
+        self.threshold, self.start_step, self.placebo = threshold, start_step, placebo
 
-    def keep(self, magnitude, timesteps, step, pairs=None):
+    def keep(self, magnitude, timesteps, step, pairs=None, order=None):
         if step < self.start_step:
             return super().keep(magnitude, timesteps, step)
+        if self.placebo:
+            magnitude = shuffled(magnitude, ~magnitude.isnan(), order)
         return magnitude < self.threshold
 
 
 class TimestepCalibrated(FilterPolicy):
-    """Timestep-aware relative magnitudes, averaged per pair, judged against the other pairs.
+    """The robust-z rule (``filter=calibrated_z``; memsieve's calibrated filter before issue 26).
 
-    Three problems with a fixed threshold, each measured on the embedded model
-    (BENCHMARKS.md), and the answer to each:
+    Kept to reproduce the figures made with it, and as the control that shows why it was
+    replaced: its cut is frequency's, not the magnitude's. Its placebo cuts as much as it does
+    (BENCHMARKS.md, "What the filter knew"): a pair judged hundreds of times crosses the limit
+    below by chance, and ``sticky`` keeps the first crossing for good.
 
-    1. The magnitude's scale changes with the timestep (2-3x between t=900 and t=300) and with
-       training progress. So each timestep bucket keeps a window of recent magnitudes and a
-       sample's *relative magnitude* is its magnitude over its bucket's median.
-    2. One relative magnitude is a noisy judgement (one noise draw, one timestep), and at low
-       noise it hardly separates memorized samples. So each pair keeps a running average of its
-       relative magnitudes from the judged timesteps ``[min_timestep, max_timestep]`` (a plain
-       mean, then an EMA with weight ``memory_decay``); a duplicated pair is seen often, so its
-       average is precise, and once judged it leaves the loss at every timestep. The memory is
-       keyed by the pair, not the caption as drawn, so caption variants of one pair pool.
-    3. Duplicated samples can be a large share of the *samples* (half of them in the default
-       world), which shifts any per-sample reference. They are a tiny share of the *pairs*.
-       So a pair is dropped when its average lies more than ``z`` robust standard deviations
-       (1.4826 MAD) above the median average of all pairs with ``min_observations`` judgements,
-       once it has ``drop_observations`` judgements itself: a pair seen only a few times has
-       had little chance to be memorized and gives too little evidence to drop it.
+    Each timestep bucket's running median (:class:`filters.timestep_scale.TimestepScale`) makes a
+    sample's *relative magnitude* (its magnitude over the median); each key keeps a running
+    average of its relative magnitudes from the judged timesteps ``[min_timestep, max_timestep]``
+    (a plain mean, then an EMA with weight ``memory_decay``); a key is dropped when its average
+    lies more than ``z`` robust standard deviations (1.4826 MAD) above the median average of all
+    keys with ``min_observations`` judgements, once it has ``drop_observations`` judgements
+    itself. With ``sticky`` a key once dropped stays dropped.
 
-    The per-pair memory is two dense tensors on the training device, ``count`` (int32) and
-    ``average`` (float32): 8 bytes per pair, read and written for a batch's pairs only, with no
-    per-sample Python. The limit of point 3 comes from :mod:`filters.population` (exact, or a
-    histogram estimate whose cost does not grow with the number of pairs). With
-    ``judge_fraction`` < 1 only that fraction of each rank's batch is judged (the extra forward),
-    preferring pairs with the fewest judgements in the judged timestep range; every sample is
-    decided from memory either way.
-
-    With ``sticky`` a pair once dropped stays dropped. Per pair, a duplicated pair's average
-    hovers at the limit: each time training on it stops, its magnitude sinks back under the limit
-    and it is trained on again, so it is dropped in only 40% to 100% of its samples window to
-    window (BENCHMARKS.md). Dropping it for good, as deduplication would, ends that cycle.
+    The per-key memory is two dense tensors on the training device, ``count`` (int32) and
+    ``average`` (float32): 8 bytes per key. The limit comes from :mod:`filters.population` (exact,
+    or a histogram estimate whose cost does not grow with the number of keys).
     """
 
     def __init__(self, num_train_timesteps: int, num_pairs: int, z: float = 3.0, buckets: int = 20,
                  window: int = 256, min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,
                  start_step: int = 0, memory_decay: float = 0.2, min_observations: int = 3,
                  min_prompts: int = 50, drop_observations: int = 3, judge_fraction: float = 1.0,
-                 quantile: str = "auto", sticky: bool = False):
-        if buckets < 1 or window < min_samples or min_samples < 1:
-            raise ValueError(
-                f"filter needs buckets >= 1 and window >= min_samples >= 1, got {buckets}, {window}, {min_samples}"
-            )
+                 quantile: str = "auto", sticky: bool = False, placebo: bool = False):
         if not 0 < memory_decay <= 1:
             raise ValueError(f"filter.memory_decay={memory_decay} must lie in (0, 1]")
         super().__init__(judge_fraction)
         if num_pairs < 1:
-            raise ValueError(f"the calibrated filter needs the number of base pairs (>= 1), got {num_pairs}")
-        self.num_train_timesteps, self.buckets, self.z = num_train_timesteps, buckets, z
-        self.min_samples, self.start_step = min_samples, start_step
+            raise ValueError(f"the calibrated filter needs the number of keys (>= 1), got {num_pairs}")
+        self.scale = TimestepScale(num_train_timesteps, buckets, window, min_samples)
+        self.z, self.start_step, self.placebo = z, start_step, placebo
         self.min_timestep = min_timestep
         self.max_timestep = num_train_timesteps - 1 if max_timestep is None else max_timestep
         self.memory_decay, self.min_observations, self.min_prompts = memory_decay, min_observations, min_prompts
         self.drop_observations, self.sticky = drop_observations, sticky
-        self.values = torch.full((buckets, window), float("nan"))
-        self.cursor = torch.zeros(buckets, dtype=torch.long)
-        self.count = torch.zeros(num_pairs, dtype=torch.int32)  # judgements per pair
-        self.average = torch.zeros(num_pairs, dtype=torch.float32)  # average relative magnitude per pair
-        self.dropped = torch.zeros(num_pairs, dtype=torch.bool)  # pairs dropped for good (sticky only)
+        self.count = torch.zeros(num_pairs, dtype=torch.int32)  # judgements per key
+        self.average = torch.zeros(num_pairs, dtype=torch.float32)  # average relative magnitude per key
+        self.dropped = torch.zeros(num_pairs, dtype=torch.bool)  # keys dropped for good (sticky only)
         self.population: ExactLimit | HistogramLimit = build_limit(quantile, num_pairs)
-        self._medians: torch.Tensor | None = None  # caches, reset by observe()
-        self._limit: torch.Tensor | None = None
+        self._limit: torch.Tensor | None = None  # cache, reset by remember()
 
     def to(self, device):
-        for name in ("values", "cursor", "count", "average", "dropped"):
+        self.scale.to(device)
+        for name in ("count", "average", "dropped"):
             setattr(self, name, getattr(self, name).to(device))
         if isinstance(self.population, HistogramLimit):
             self.population.to(device)
-        self._medians = self._limit = None
+        self._limit = None
         return self
 
-    def bucket_of(self, timesteps: torch.Tensor) -> torch.Tensor:
-        t = timesteps.long().to(self.cursor.device)
-        return (t * self.buckets // self.num_train_timesteps).clamp(max=self.buckets - 1)
-
-    def medians(self) -> torch.Tensor:
-        """Per-bucket median magnitude; ``nan`` where a bucket has too few samples."""
-        if self._medians is None:
-            seen = (~self.values.isnan()).sum(dim=1)
-            median = self.values.nanmedian(dim=1).values
-            self._medians = torch.where(seen >= self.min_samples, median, float("nan"))
-        return self._medians
-
-    def relative(self, magnitude: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Magnitude over its bucket's median (``nan`` while the bucket is uncalibrated)."""
-        return magnitude.float().to(self.values.device) / self.medians()[self.bucket_of(timesteps)]
-
     def judged(self, timesteps: torch.Tensor) -> torch.Tensor:
-        t = timesteps.to(self.cursor.device)
+        t = timesteps.to(self.count.device)
         return (t >= self.min_timestep) & (t <= self.max_timestep)
 
     def prompt_limit(self) -> torch.Tensor:
-        """Median + z * 1.4826 * MAD of the averages of pairs judged often enough (inf until
-        ``min_prompts`` such pairs exist); a 0-dim tensor on the state's device."""
+        """Median + z * 1.4826 * MAD of the averages of keys judged often enough (inf until
+        ``min_prompts`` such keys exist); a 0-dim tensor on the state's device."""
         if self._limit is None:
             self._limit = self.population.limit(self.count, self.average, self.min_observations,
                                                 self.min_prompts, self.z)
@@ -196,52 +197,35 @@ class TimestepCalibrated(FilterPolicy):
         return ((self.count[p] >= needed) & (self.average[p] > self.prompt_limit())) | self.dropped[p]
 
     def judge(self, pairs, timesteps, noise):
-        n = pairs.numel()
-        k = math.ceil(self.judge_fraction * n)
-        if k >= n:
-            return super().judge(pairs, timesteps, noise)
-        # Fewest judgements first, judged timesteps before the others, ties broken by the seeded noise.
-        count = self.count[pairs.to(self.count.device).long()].double()
-        priority = count + noise.to(count.device).double() + (~self.judged(timesteps)).double() * 2.0**40
-        chosen = torch.zeros(n, dtype=torch.bool, device=count.device)
-        chosen[priority.topk(k, largest=False).indices] = True
-        return chosen.to(pairs.device)
+        count = self.count[pairs.to(self.count.device).long()]
+        return self.least_judged_first(count, self.judged(timesteps), noise).to(pairs.device)
 
-    def keep(self, magnitude, timesteps, step, pairs=None):
+    def keep(self, magnitude, timesteps, step, pairs=None, order=None):
         if step < self.start_step:
             return super().keep(magnitude, timesteps, step)
         if pairs is None:
-            raise ValueError("filter=calibrated needs the batch's pair indices; the loop passes batch['pair']")
+            raise ValueError("a calibrated filter needs the batch's keys; the loop passes them")
         return ~self.remembered(pairs).to(magnitude.device)
 
-    def observe(self, magnitude, timesteps, valid, pairs=None, kept=None):
-        magnitude = magnitude.float().to(self.values.device)
-        valid = valid.to(self.values.device).bool() & ~magnitude.isnan()
-        bucket = self.bucket_of(timesteps)
+    def observe(self, magnitude, timesteps, valid, pairs=None, kept=None, order=None):
+        magnitude = magnitude.float().to(self.count.device)
+        valid = valid.to(self.count.device).bool() & ~magnitude.isnan()
         if pairs is not None and self.sticky and kept is not None:
-            # Every rank observes the same gathered batch and decisions, so every rank marks the same pairs.
+            # Every rank observes the same gathered batch and decisions, so every rank marks the same keys.
             self.dropped[pairs.to(self.count.device).long()[~kept.to(self.count.device).bool()]] = True
         if pairs is not None:
-            rel = self.relative(magnitude, timesteps)
-            use = valid & self.judged(timesteps) & ~rel.isnan()
+            use = valid & self.judged(timesteps)
+            read = self.scale.placebo(magnitude, timesteps, use, order) if self.placebo else magnitude
+            rel = self.scale.relative(read, timesteps)
+            use &= ~rel.isnan()
             self.remember(pairs.to(self.count.device).long()[use], rel[use])
-        self.record(magnitude[valid], bucket[valid])
+        self.scale.record(magnitude[valid], timesteps.to(self.count.device)[valid])
 
     def remember(self, pairs: torch.Tensor, rel: torch.Tensor) -> None:
-        """Fold each judgement into its pair's average, in batch order within each pair.
-
-        A pair can occur several times in one batch; its k-th occurrence is applied in round k,
-        and within a round every pair is distinct, so each round is one vectorized update.
-        """
+        """Fold each judgement into its key's average, in batch order within each key."""
         if pairs.numel() == 0:
             return
-        sorted_pairs, order = torch.sort(pairs, stable=True)
-        position = torch.arange(pairs.numel(), device=pairs.device)
-        first = torch.ones_like(sorted_pairs, dtype=torch.bool)
-        first[1:] = sorted_pairs[1:] != sorted_pairs[:-1]
-        group_start = torch.where(first, position, 0).cummax(dim=0).values
-        occurrence = torch.empty_like(position)
-        occurrence[order] = position - group_start
+        occurrence = occurrence_rounds(pairs)
         for round_ in range(int(occurrence.max()) + 1):
             mine = occurrence == round_
             p, r = pairs[mine], rel[mine]
@@ -252,51 +236,49 @@ class TimestepCalibrated(FilterPolicy):
             self.count[p], self.average[p] = new_count, new_average
         self._limit = None
 
-    def record(self, magnitude: torch.Tensor, bucket: torch.Tensor) -> None:
-        """Write magnitudes into their buckets' ring buffers, in batch order."""
-        if magnitude.numel() == 0:
-            return
-        window = self.values.shape[1]
-        onehot = torch.nn.functional.one_hot(bucket, self.buckets)
-        rank = (onehot.cumsum(dim=0) - 1).gather(1, bucket[:, None]).squeeze(1)  # order within the bucket
-        per_bucket = onehot.sum(dim=0)
-        last = rank >= per_bucket[bucket] - window  # later samples overwrite earlier ones beyond a window
-        self.values[bucket[last], (self.cursor[bucket] + rank)[last] % window] = magnitude[last]
-        self.cursor += per_bucket
-        self._medians = None
-
     def state_dict(self):
-        return {"values": self.values.clone(), "cursor": self.cursor.clone(), "count": self.count.clone(),
-                "average": self.average.clone(), "dropped": self.dropped.clone()}
+        return {**self.scale.state_dict(), "count": self.count.clone(), "average": self.average.clone(),
+                "dropped": self.dropped.clone()}
 
     def load_state_dict(self, state):
         if "count" not in state:
             raise ValueError("this checkpoint's filter memory is keyed by caption (memsieve before pair-keyed "
                              "memory); resume it with that version or start the run again")
         if state["count"].shape != self.count.shape:
-            raise ValueError(f"the checkpoint's filter remembers {state['count'].numel()} pairs; this run's data "
+            raise ValueError(f"the checkpoint's filter remembers {state['count'].numel()} keys; this run's data "
                              f"has {self.count.numel()}")
-        for name in ("values", "cursor", "count", "average"):
+        self.scale.load_state_dict(state)
+        for name in ("count", "average"):
             getattr(self, name).copy_(state[name])
         if "dropped" in state:  # absent from checkpoints written before filter.sticky existed: none dropped yet
             self.dropped.copy_(state["dropped"])
         self.population.rebuild(self.count, self.average, self.min_observations)
-        self._medians = self._limit = None
+        self._limit = None
 
 
 def build_policy(cfg: DictConfig, num_train_timesteps: int, num_pairs: int) -> FilterPolicy:
-    """The policy named by ``cfg.kind`` (config group ``filter``) for a source of ``num_pairs`` base pairs."""
+    """The policy named by ``cfg.kind`` (config group ``filter``) for a source of ``num_pairs`` keys."""
+    placebo = bool(cfg.get("placebo", False))
     if cfg.kind == "none":
+        if placebo:
+            raise ValueError("filter.placebo=true needs a filter that drops (threshold, calibrated, calibrated_z); "
+                             "filter=none keeps every sample")
         return FilterPolicy(cfg.get("judge_fraction", 1.0))
     if cfg.kind == "threshold":
-        return FixedThreshold(cfg.threshold, cfg.start_step)
+        return FixedThreshold(cfg.threshold, cfg.start_step, placebo)
     if cfg.kind == "calibrated":
+        from filters.evidence import PairEvidence
+
+        return PairEvidence(num_train_timesteps, num_pairs, cfg.fdr, cfg.look_every, cfg.buckets, cfg.window,
+                            cfg.min_samples, cfg.min_timestep, cfg.max_timestep, cfg.min_observations, cfg.min_keys,
+                            cfg.start_step, cfg.get("judge_fraction", 1.0), placebo)
+    if cfg.kind == "calibrated_z":
         return TimestepCalibrated(num_train_timesteps, num_pairs, cfg.z, cfg.buckets, cfg.window, cfg.min_samples,
                                   cfg.min_timestep, cfg.max_timestep, cfg.start_step, cfg.memory_decay,
                                   cfg.min_observations, cfg.min_prompts, cfg.drop_observations,
                                   cfg.get("judge_fraction", 1.0), cfg.get("quantile", "auto"),
-                                  cfg.get("sticky", False))
-    raise ValueError(f"filter.kind={cfg.kind!r}; expected 'none', 'threshold' or 'calibrated'")
+                                  cfg.get("sticky", False), placebo)
+    raise ValueError(f"filter.kind={cfg.kind!r}; expected 'none', 'threshold', 'calibrated' or 'calibrated_z'")
 
 
 def filtered_mean(per_sample_loss: torch.Tensor, keep: torch.Tensor, global_kept: int,

@@ -19,16 +19,16 @@ def test_filter_overrides_reach_only_the_user_filter_run_and_compose():
 
 
 def test_the_fine_tune_preset_loads_the_shipped_base_and_user_settings_win():
-    task = ["train.steps=50", "filter.z=1.0"]
+    task = ["train.steps=50", "filter.fdr=0.01"]
     own = ["filter=threshold", "filter.choose.quantile=0.99"]
     cfg = compose_train([*run_overrides(task, "embedded_finetune", own, False), "run_dir=x"])
     assert cfg.model.kind == "pretrained" and cfg.model.pretrained == str(ASSETS / "embedded_base")
     assert (ASSETS / "embedded_base" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert cfg.train.steps == 50 and cfg.train.caption_dropout == 0.0
     assert cfg.filter.kind == "threshold" and cfg.filter.choose.quantile == 0.99
-    own = ["filter=calibrated", "filter.min_observations=2", "filter.sticky=true"]
+    own = ["filter=calibrated", "filter.min_observations=2", "filter.placebo=true"]
     calibrated = compose_train([*run_overrides(task, "embedded_finetune", own, True), "run_dir=x"])
-    assert calibrated.filter.z == 1.0 and calibrated.filter.min_observations == 2 and calibrated.filter.sticky
+    assert calibrated.filter.fdr == 0.01 and calibrated.filter.min_observations == 2 and calibrated.filter.placebo
 
 
 def test_the_demo_runs_compose_and_only_the_unfiltered_one_detects_in_both_settings():

@@ -247,7 +247,7 @@ def test_copy_summary_has_no_ratio_and_a_gap_that_keeps_its_sign():
 
 def test_help_lists_only_selectable_groups_and_plus_typos_are_refused(tmp_path):
     help_text = run_cli(python_cli("train", "--help"), cwd=tmp_path).stdout
-    assert "filter: calibrated, none, threshold" in help_text and "accelerate:" not in help_text
+    assert "filter: calibrated, calibrated_z, none, threshold" in help_text and "accelerate:" not in help_text
     lines = fails(python_cli("train", *QUICK, "+train.stepz=5", f"run_dir={tmp_path / 'r'}"), cwd=tmp_path)
     assert lines == ["memsieve-train: error: +train.stepz=5 adds train.stepz, which is not a memsieve setting; did "
                      "you mean train.steps? set existing settings without '+' (see --help)"]

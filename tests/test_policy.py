@@ -53,8 +53,8 @@ def test_relative_magnitude_is_over_the_bucket_median():
     high = low * 10  # bucket 1: median 105
     t = torch.cat([torch.full((20,), 100), torch.full((20,), 900)])
     policy.observe(torch.cat([low, high]), t, torch.ones(40, dtype=torch.bool))
-    assert torch.allclose(policy.medians(), torch.tensor([float(low.median()), float(high.median())]))
-    rel = policy.relative(torch.tensor([20.0, 20.0]), torch.tensor([100, 900]))  # torch medians: 10, 100
+    assert torch.allclose(policy.scale.medians(), torch.tensor([float(low.median()), float(high.median())]))
+    rel = policy.scale.relative(torch.tensor([20.0, 20.0]), torch.tensor([100, 900]))  # torch medians: 10, 100
     assert torch.allclose(rel, torch.tensor([2.0, 0.2]))  # the same magnitude is loud at t=100, quiet at t=900
 
 
@@ -107,9 +107,9 @@ def test_uncaptioned_and_unjudged_samples_do_not_count_and_state_round_trips():
         clone = calibrated(quantile=quantile)
         clone.load_state_dict(policy.state_dict())
         assert torch.equal(clone.count, policy.count) and torch.equal(clone.average, policy.average)
-        assert torch.allclose(clone.medians(), policy.medians(), equal_nan=True)
+        assert torch.allclose(clone.scale.medians(), policy.scale.medians(), equal_nan=True)
         assert torch.isclose(clone.prompt_limit(), policy.prompt_limit(), rtol=2e-3)
-    with pytest.raises(ValueError, match="remembers 2000 pairs; this run's data has 10"):
+    with pytest.raises(ValueError, match="remembers 2000 keys; this run's data has 10"):
         TimestepCalibrated(1000, 10).load_state_dict(policy.state_dict())
 
 
@@ -138,7 +138,7 @@ def sequential_reference(magnitudes, timesteps, pairs, decay, window, buckets=2)
 
 def test_a_batch_with_repeated_pairs_updates_as_one_sample_at_a_time():
     policy = calibrated(window=16, min_samples=1, min_timestep=0)
-    policy.values.fill_(1.0)  # every bucket median 1: relative magnitude = magnitude
+    policy.scale.values.fill_(1.0)  # every bucket median 1: relative magnitude = magnitude
     gen = torch.Generator().manual_seed(3)
     pairs = torch.randint(0, 5, (40,), generator=gen)  # each pair about 8 times in one batch
     mags = 0.5 + torch.rand(40, generator=gen)
@@ -147,8 +147,8 @@ def test_a_batch_with_repeated_pairs_updates_as_one_sample_at_a_time():
     memory, values = sequential_reference(mags, t, pairs, 0.5, 16)
     for p, (count, average) in memory.items():
         assert policy.count[p] == count and abs(float(policy.average[p]) - average) < 1e-6
-    assert torch.equal(policy.values, torch.tensor([[1.0 if v is None else v for v in row] for row in values]))
-    assert policy.cursor.tolist() == [int((t < 500).sum()), int((t >= 500).sum())]
+    assert torch.equal(policy.scale.values, torch.tensor([[1.0 if v is None else v for v in row] for row in values]))
+    assert policy.scale.cursor.tolist() == [int((t < 500).sum()), int((t >= 500).sum())]
 
 
 def test_histogram_limit_is_close_to_the_exact_one():
@@ -165,7 +165,7 @@ def test_histogram_limit_is_close_to_the_exact_one():
         exact._limit = histogram._limit = None
         assert torch.isclose(histogram.prompt_limit(), exact.prompt_limit(), rtol=1e-3)
     # Moved by observe, the histogram tracks the same population as a rebuilt one.
-    histogram.values.fill_(1.0)
+    histogram.scale.values.fill_(1.0)
     histogram.observe(1 + torch.rand(64, generator=gen), torch.full((64,), 800), torch.ones(64, dtype=torch.bool),
                       torch.randint(0, 2000, (64,), generator=gen))
     rebuilt = calibrated(quantile="histogram")

@@ -18,6 +18,8 @@ def test_micro_run_end_to_end(tmp_path):
     run_cli(python_cli("train", *MICRO, "train.steps=8", "filter=calibrated", "filter.min_samples=4",
                        "filter.start_step=2", f"run_dir={tmp_path}"), cwd=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["filter"]["key"] == "content" and summary["filter"]["placebo"] is False  # what it knew
+    assert "pixel digest" in summary["filter"]["knew"] and "ORACLE" not in summary["filter"]["knew"]
     for path in ("copy.duplicated", "copy.other", "alignment.duplicated", "alignment.other", "detection.auc",
                  "detection.tpr_at_1pct_fpr", "filter.dropped_fraction.duplicated",
                  "filter.dropped_fraction.other"):
@@ -39,9 +41,9 @@ def test_micro_run_end_to_end(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     common = [*MICRO, "train.steps=8", "train.checkpoint_every=4", "eval.enabled=false",
-              "filter=calibrated", "filter.min_samples=4", "filter.min_prompts=2", "filter.min_observations=1",
-              "filter.drop_observations=1", "filter.sticky=true",  # the dropped-for-good set resumes too
-              "filter.min_timestep=0", "filter.z=0.5", "filter.buckets=2", "train.ema.enabled=true",
+              "filter=calibrated", "filter.min_samples=2", "filter.min_keys=2", "filter.min_observations=2",
+              "filter.look_every=1", "filter.fdr=0.9",  # lenient, so that keys are flagged and dropped for good
+              "filter.min_timestep=0", "filter.buckets=2", "train.ema.enabled=true",
               "logging.wandb.enabled=false"]
     run_cli(python_cli("train", *common, f"run_dir={full}"), cwd=tmp_path)
     # A run killed after step 4 had logged up to step 6; only its step-4 checkpoint survives.
@@ -158,15 +160,16 @@ def test_bad_model_path_fails_with_one_clear_line(tmp_path):
 
 
 def test_image_only_duplicates_pool_their_judgements_by_pair(tmp_path):
-    """Each image_only repeat carries another caption; the calibrated filter's memory is keyed by
-    the pair, so a duplicated pair gathers judgements over all its captions and is dropped, while
-    no single caption is drawn often enough (at most 6 times here) to reach drop_observations=10."""
+    """Each image_only repeat carries another caption; the filter's memory is keyed by the image's
+    pixel digest (filter.key=content, no manifest), so a duplicated pair gathers judgements over all
+    its captions and is dropped (here by the frequency-only robust-z rule at z=-100), while no single
+    caption is drawn often enough (at most 6 times here) to reach drop_observations=10."""
     from data.dataset import build_data
     from tests.conftest import compose_train
 
     common = [*MICRO, "data.duplication.mode=image_only", "train.steps=40", "eval.enabled=false",
               "logging.wandb.enabled=false", "logging.decisions=true"]
-    filt = ["filter=calibrated", "filter.buckets=2", "filter.min_samples=4", "filter.min_timestep=0",
+    filt = ["filter=calibrated_z", "filter.buckets=2", "filter.min_samples=4", "filter.min_timestep=0",
             "filter.min_observations=1", "filter.min_prompts=2", "filter.drop_observations=10", "filter.z=-100"]
     run_cli(python_cli("train", *common, *filt, f"run_dir={tmp_path}"), cwd=tmp_path)
     duplicated = set(json.loads((tmp_path / "manifest.json").read_text())["counts"])
@@ -179,9 +182,10 @@ def test_image_only_duplicates_pool_their_judgements_by_pair(tmp_path):
 
 
 def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
-    """2 gloo ranks, calibrated filter judging half of each rank's batch: replaying the gathered
+    """2 gloo ranks, a calibrated filter judging half of each rank's batch: replaying the gathered
     log through one policy reproduces both ranks' decisions, so both ranks held that one state
-    (with sticky drops, so both marked the same pairs as dropped for good)."""
+    (with sticky drops, so both marked the same keys as dropped for good, and as a placebo, so
+    both drew the same placebo magnitudes)."""
     from omegaconf import OmegaConf
 
     from filters.policy import build_policy
@@ -189,7 +193,8 @@ def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
     launch = [f"launch.accelerate_config={ROOT / 'configs' / 'accelerate' / 'multi_gpu.yml'}",
               "launch.num_processes=2"]
     run_cli(python_cli("train", *launch, *MICRO, "train.steps=12", "train.batch_size=2", "eval.enabled=false",
-                       "logging.wandb.enabled=false", "logging.decisions=true", "filter=calibrated",
+                       "logging.wandb.enabled=false", "logging.decisions=true", "filter=calibrated_z",
+                       "filter.placebo=true",
                        "filter.judge_fraction=0.5", "filter.buckets=2", "filter.min_samples=2",
                        "filter.min_timestep=0", "filter.min_observations=1", "filter.min_prompts=2",
                        "filter.drop_observations=1", "filter.z=0", "filter.sticky=true", f"run_dir={tmp_path}"),
@@ -199,10 +204,10 @@ def test_two_processes_hold_one_filter_state_with_judged_subsampling(tmp_path):
     records = decision_log(tmp_path)
     assert len(records) == 12
     for r in records:
-        magnitude, t, pairs = torch.tensor(r["magnitude"]), torch.tensor(r["t"]), torch.tensor(r["pair"])
+        magnitude, t, pairs = torch.tensor(r["magnitude"]), torch.tensor(r["t"]), torch.tensor(r["filter_key"])
         assert (~magnitude.isnan()).view(2, 2).sum(dim=1).tolist() == [1, 1]  # one judged sample per rank
         keep = policy.keep(magnitude, t, r["step"] - 1, pairs)
         assert keep.tolist() == r["keep"]
-        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs, keep)
+        policy.observe(magnitude, t, torch.tensor(r["valid"]), pairs, keep, torch.tensor(r["order"]))
     kept = [k for r in records for k in r["keep"]]
     assert any(kept) and not all(kept)

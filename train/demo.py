@@ -37,7 +37,7 @@ def key_of(override: str) -> str:
 
 def run_overrides(task: list[str], experiment: str | None, own: list[str], takes_user_filter: bool) -> list[str]:
     """One run's overrides: the demo's experiment preset, the user's settings, the run's own
-    (``demo.runs.NAME``), then, for the run ``demo.user_filter_run`` names, the user's
+    (``demo.runs.NAME``), then, for the runs ``demo.user_filter_runs`` names, the user's
     ``filter=...`` and ``filter.*`` overrides (the other runs ignore those)."""
     others = [o for o in task if not key_of(o).startswith(("filter", "demo", "hydra", "experiment"))]
     preset = [f"experiment={experiment}"] if experiment else []
@@ -110,15 +110,17 @@ def main(cfg: DictConfig) -> None:
     procs = {}
     for name, own in runs.items():
         procs[name] = launch(name, run_overrides(task, choices.get("experiment"), own,
-                                                 name == cfg.demo.user_filter_run), dirs[name], threads)
+                                                 name in cfg.demo.user_filter_runs), dirs[name], threads)
         if not parallel:
             wait_all({name: procs[name]}, dirs, cfg.train.steps, cfg.demo.progress_every)
     wait_all(procs, dirs, cfg.train.steps, cfg.demo.progress_every,
              lend_cores=bool(threads) and threads < usable_cores())
     summaries = {name: json.loads((dirs[name] / "summary.json").read_text()) for name in runs}
-    print(f"[memsieve-demo] comparison ({out / 'comparison.md'}):\n" + write_comparison(
-        out, summaries, list(dirs.values()), cfg.logging.wandb).with_name("comparison.md").read_text(), flush=True)
-    print(out / "comparison.json")
+    path = write_comparison(out, summaries, list(dirs.values()), cfg.logging.wandb)
+    print(f"[memsieve-demo] comparison ({out / 'comparison.md'}):\n" + (out / "comparison.md").read_text(), flush=True)
+    print(f"[memsieve-demo] what the magnitude caused ({out / 'attribution.md'}):\n"
+          + (out / "attribution.md").read_text(), flush=True)
+    print(path)
 
 
 if __name__ == "__main__":

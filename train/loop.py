@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from data.captions import perturb_text_embeddings
 from data.dataset import TrainingData, build_data
+from data.fingerprint import KeySpec
 from data.world import VOCABULARY
 from filters.magnitude import text_conditional_magnitude
 from filters.policy import build_policy, filtered_mean
@@ -40,7 +41,7 @@ from train.distributed import configure_backend, gather_columns, schedule_steps_
 from train.export import trained_unet
 from train.loss import per_sample_loss, set_prediction_type, training_target
 from train.optim import build_optimizer
-from train.randomness import judge_noise, micro_step_generator, noised_batch
+from train.randomness import judge_noise, micro_step_generator, noised_batch, placebo_order
 from train.resume_check import check_resume, record_resume
 from train.tracking import JsonlLog, wandb_init_kwargs
 from train.validation import run_validation, validation_prompts
@@ -78,6 +79,7 @@ class TrainResult:
     counts: FilterCounts
     accelerator: Accelerator
     seconds_per_step: float
+    keys_dropped: int | None = None  # keys a calibrated filter dropped for good (None: the filter has no such memory)
 
 
 def check_settings(tc: DictConfig) -> None:
@@ -104,7 +106,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     changed = check_resume(cfg, resume, step_of(resume)) if resume is not None else {}  # before any work
     set_seed(cfg.seed)
     comps = build_components(cfg.model, list(VOCABULARY))
-    data = build_data(cfg.data, comps.tokenizer)
+    data = build_data(cfg.data, comps.tokenizer, KeySpec.from_filter(cfg.filter))
     sched = comps.noise_scheduler
     set_prediction_type(sched, tc.prediction_type)
     unet = comps.unet
@@ -130,7 +132,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         accelerator.register_for_checkpointing(ema)
     choose_threshold(cfg, run_dir, resume is not None, lambda samples: starting_magnitudes(
         unet, comps, data, cfg, accelerator, input_dtype, weight_dtype, samples))
-    policy = build_policy(cfg.filter, sched.config.num_train_timesteps, len(data.pairs)).to(accelerator.device)
+    policy = build_policy(cfg.filter, sched.config.num_train_timesteps, data.num_keys).to(accelerator.device)
     counts = FilterCounts()
     accelerator.register_for_checkpointing(policy, counts)
 
@@ -184,7 +186,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             cond = torch.where(captioned, real, uncond)  # a dropped caption trains the unconditional branch
             target = training_target(sched, latents, b.noise, timesteps)
 
-            pairs = batch["pair"].to(latents.device)
+            pairs = data.filter_keys(batch).to(latents.device)  # filter.key: content fingerprints, or the oracle
+            order = placebo_order(cfg.seed, micro_step, rank, n, world).to(latents.device)
             judge = policy.judge(pairs, timesteps, judge_noise(cfg.seed, micro_step, rank, n, world))
             with accelerator.accumulate(unet):
                 pred = unet(noisy, timesteps, cond).sample
@@ -196,11 +199,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
                                      torch.where(captioned, uncond, real)[judged]).sample
                     magnitude[judged] = text_conditional_magnitude(pred.detach()[judged], other, sched,
                                                                    timesteps[judged])
-                keep = policy.keep(magnitude, timesteps, step, pairs)
+                keep = policy.keep(magnitude, timesteps, step, pairs, order)
                 dup = batch["duplicated"].to(latents.device)
-                g_mag, g_t, g_valid, g_keep, g_dup, g_pairs = gather_columns(
-                    accelerator, magnitude, timesteps, ~magnitude.isnan(), keep, dup, pairs)
-                policy.observe(g_mag, g_t, g_valid, g_pairs, g_keep)
+                g_mag, g_t, g_valid, g_keep, g_dup, g_pairs, g_order = gather_columns(
+                    accelerator, magnitude, timesteps, ~magnitude.isnan(), keep, dup, pairs, order)
+                policy.observe(g_mag, g_t, g_valid, g_pairs, g_keep, g_order)
                 counts.add(g_dup.cpu(), g_keep.cpu())
                 step_kept += int(g_keep.sum())
                 # Min-SNR weights are per sample, so the filter drops each with its own loss.
@@ -219,10 +222,12 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             window.append(step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator))
             if decisions is not None:
                 keys = gather_object(list(batch["key"]))
-                if accelerator.is_main_process:
-                    decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys, "pair": g_pairs.tolist(),
-                                     "t": g_t.tolist(), "magnitude": g_mag.float().tolist(),
-                                     "valid": g_valid.tolist(), "keep": g_keep.tolist()})
+                plan_pairs = accelerator.gather(batch["pair"].to(latents.device))
+                if accelerator.is_main_process:  # pair: the plan's (ground truth); filter_key: what the filter used
+                    decisions.write({"step": step + 1, "micro_step": micro_step, "key": keys,
+                                     "pair": plan_pairs.tolist(), "filter_key": g_pairs.tolist(),
+                                     "order": g_order.tolist(), "t": g_t.tolist(), "magnitude": g_mag.float().tolist(),
+                                     "valid": g_valid.tolist(), "keep": g_keep.tolist(), "duplicated": g_dup.tolist()})
         if not step_kept:
             counts.skipped_steps += 1
         elif ema is not None:
@@ -253,8 +258,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     if accelerator.is_main_process:
         comps.save(run_dir / "model")
     accelerator.wait_for_everyone()
+    dropped = getattr(policy, "dropped", None)
     return TrainResult(run_dir=run_dir, components=comps, data=data, counts=counts, accelerator=accelerator,
-                       seconds_per_step=seconds_per_step)
+                       seconds_per_step=seconds_per_step, keys_dropped=None if dropped is None else int(dropped.sum()))
 
 
 def step_record(per_sample, g_mag, g_t, g_valid, g_keep, g_dup, accelerator) -> dict:

@@ -87,3 +87,10 @@ def judge_noise(seed: int, micro_step: int, rank: int, n: int, world: int) -> to
     ``filter.judge_fraction``'s choice of which samples to judge."""
     gen = micro_step_generator(seed + 2, micro_step)  # seed + 1 draws the text-embedding noise
     return torch.rand(n * world, generator=gen)[rank * n:(rank + 1) * n]
+
+
+def placebo_order(seed: int, micro_step: int, rank: int, n: int, world: int) -> torch.Tensor:
+    """One uniform draw per sample, addressed like :func:`draw`: the seeded permutation by which a
+    placebo filter (``filter.placebo``) moves magnitudes between judged samples."""
+    gen = micro_step_generator(seed + 3, micro_step)
+    return torch.rand(n * world, generator=gen)[rank * n:(rank + 1) * n]
