@@ -1,12 +1,13 @@
-"""The calibrated filter's state alone at 10^4..10^7 pairs, and the per-step gather between ranks.
+"""The calibrated filters' state alone at 10^4..10^7 keys, and the per-step gather between ranks.
 
-Part 1 (state): builds the policy from ``configs/filter/calibrated.yaml`` over N pairs, fills
-its memory as a long run would (every pair judged 0-10 times, averages log-normal around 1,
-bucket windows full), then times ``keep`` + ``observe`` on synthetic batches (half of the
-samples from 1% of the pairs, whose magnitudes are 1.3x larger; 10% uncaptioned). Reports
-milliseconds per step (wall, and CPU time of the process, which a machine shared with other
-jobs inflates far less) for the exact and the histogram drop limit, bytes of per-pair state per
-pair, and the checkpoint size (``torch.save`` of ``state_dict``). Inputs are made before timing.
+Part 1 (state): builds each policy from its config over N keys, ``configs/filter/calibrated.yaml``
+(the evidence rule: its looks every ``look_every`` micro-steps are in the per-step average) and
+``calibrated_z.yaml`` (the robust-z rule, with the exact and the histogram drop limit), fills its
+memory as a long run would (every key judged 0-10 times, bucket windows full), then times
+``keep`` + ``observe`` on synthetic batches (half of the samples from 1% of the keys, whose
+magnitudes are 1.3x larger; 10% uncaptioned). Reports milliseconds per step (wall, and CPU time
+of the process, which a machine shared with other jobs inflates far less), bytes of per-key state
+per key, and the checkpoint size (``torch.save`` of ``state_dict``). Inputs are made before timing.
 
 Part 2 (gather): two gloo processes on this machine gather each step's six per-sample fields,
 one collective per field (as ``accelerator.gather`` of a tuple does) against one packed float64
@@ -32,20 +33,27 @@ from omegaconf import OmegaConf
 
 from filters.policy import build_policy
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "filter" / "calibrated.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "filter"
+PER_KEY = {"calibrated": ("count", "total", "dropped"), "calibrated_z": ("count", "average", "dropped")}
 
 
-def filled_policy(num_pairs: int, quantile: str, seed: int = 0):
-    """The default calibrated policy over ``num_pairs`` pairs with a memory as after a long run."""
-    cfg = OmegaConf.load(CONFIG)
-    cfg.quantile = quantile
+def filled_policy(rule: str, num_pairs: int, quantile: str, seed: int = 0):
+    """The default policy of ``rule`` over ``num_pairs`` keys with a memory as after a long run."""
+    cfg = OmegaConf.load(CONFIGS / f"{rule}.yaml")
+    if rule == "calibrated_z":
+        cfg.quantile = quantile
     policy = build_policy(cfg, 1000, num_pairs)
     gen = torch.Generator().manual_seed(seed)
     state = policy.state_dict()
     state["values"] = torch.exp(0.3 * torch.randn(state["values"].shape, generator=gen))
     state["cursor"] = torch.full_like(state["cursor"], state["values"].shape[1])
     state["count"] = torch.randint(0, 11, (num_pairs,), generator=gen, dtype=torch.int32)
-    state["average"] = torch.exp(0.2 * torch.randn(num_pairs, generator=gen))
+    if rule == "calibrated_z":
+        state["average"] = torch.exp(0.2 * torch.randn(num_pairs, generator=gen))
+    else:  # relative magnitudes N(0, 0.2) per judgement: totals and the pooled sum of squares to match
+        state["total"] = 0.2 * state["count"].float().sqrt() * torch.randn(num_pairs, generator=gen)
+        n = float(state["count"].sum())
+        state["sums"] = torch.tensor([n, 0.04 * n + float((state["total"] ** 2).sum())], dtype=torch.float64)
     policy.load_state_dict(state)
     return policy
 
@@ -65,8 +73,8 @@ def batches(num_pairs: int, batch: int, steps: int, seed: int = 1) -> list[tuple
     return out
 
 
-def time_state(num_pairs: int, quantile: str, batch: int, steps: int) -> dict:
-    policy = filled_policy(num_pairs, quantile)
+def time_state(rule: str, num_pairs: int, quantile: str, batch: int, steps: int) -> dict:
+    policy = filled_policy(rule, num_pairs, quantile)
     inputs = batches(num_pairs, batch, steps + 2)
     for magnitude, t, valid, pairs in inputs[:2]:  # warm-up
         policy.keep(magnitude, t, 0, pairs)
@@ -78,10 +86,12 @@ def time_state(num_pairs: int, quantile: str, batch: int, steps: int) -> dict:
         policy.observe(magnitude, t, valid, pairs)
     ms = (time.perf_counter() - start) / steps * 1e3
     cpu_ms = (time.process_time() - cpu_start) / steps * 1e3
-    per_pair = policy.count.element_size() + policy.average.element_size()
+    state = policy.state_dict()
+    per_pair = sum(state[name].element_size() for name in PER_KEY[rule])
     buffer = io.BytesIO()
-    torch.save(policy.state_dict(), buffer)
-    return {"pairs": num_pairs, "quantile": quantile, "batch": batch, "steps": steps, "ms_per_step": round(ms, 3),
+    torch.save(state, buffer)
+    return {"rule": rule, "pairs": num_pairs, "quantile": quantile if rule == "calibrated_z" else "-",
+            "batch": batch, "steps": steps, "ms_per_step": round(ms, 3),
             "cpu_ms_per_step": round(cpu_ms, 3),
             "state_bytes_per_pair": per_pair, "checkpoint_mb": round(buffer.tell() / 2**20, 2),
             "dropped_fraction": round(dropped / (batch * steps), 3)}
@@ -140,8 +150,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     for n in map(int, args.pairs):
+        print(json.dumps(time_state("calibrated", n, "-", args.batch, args.steps)), flush=True)
         for quantile, steps in (("histogram", args.steps), ("exact", args.exact_steps)):
-            print(json.dumps(time_state(n, quantile, args.batch, steps)), flush=True)
+            print(json.dumps(time_state("calibrated_z", n, quantile, args.batch, steps)), flush=True)
     print(json.dumps(time_gather(args.batch // 2, args.gather_iterations)), flush=True)
 
 

@@ -41,6 +41,7 @@ ALIGNMENT_KEYS = {"alignment/duplicated": "alignment, duplicated prompts",
 POINT_KEYS = (*COPY_KEYS, "copy/nearest/duplicated/mean_max", "copy/other", *ALIGNMENT_KEYS)
 ALIGNMENT_KEPT = 0.95  # Pareto: alignment at least this share of the unmitigated run's
 UNMITIGATED = "none"
+PLACEBO = " placebo"  # a method's control (filter.placebo): its name with this suffix
 CAPTION_AUGMENTATIONS = ("rta", "replace", "repeat", "rta_words", "replace_caption")
 
 
@@ -59,8 +60,10 @@ MITIGATIONS: tuple[tuple[str, Callable[[DictConfig], dict[str, float] | None]], 
      {"hamming": 0.0 if select(c, "data.dedup.method") == "exact" else float(select(c, "data.dedup.max_distance"))}),
     ("threshold", lambda c: {"threshold": float(select(c, "filter.threshold"))}
      if select(c, "filter.kind") == "threshold" else None),
-    ("calibrated", lambda c: {"fdr": float(select(c, "filter.fdr"))} if select(c, "filter.kind") == "calibrated" else None),
-    ("calibrated_z", lambda c: {"z": float(select(c, "filter.z"))} if select(c, "filter.kind") == "calibrated_z" else None),
+    ("calibrated", lambda c: {"fdr": float(select(c, "filter.fdr"))}
+     if select(c, "filter.kind") == "calibrated" else None),
+    ("calibrated_z", lambda c: {"z": float(select(c, "filter.z"))}
+     if select(c, "filter.kind") == "calibrated_z" else None),
     *((name, (lambda n: lambda c: caption_strength(c) if select(c, "data.captions.augmentation") == n else None)(name))
       for name in CAPTION_AUGMENTATIONS),
     ("multiple", lambda c: {"captions": float(select(c, "data.world.num_captions", 0) or 0)}
@@ -82,7 +85,7 @@ def method_of(cfg: DictConfig | None, summary_filter: str | None = None) -> tupl
     if not used:
         return UNMITIGATED, {}
     # A placebo (filter.placebo) is a method of its own: the control its filter's points stand beside.
-    placebo = " placebo" if select(cfg, "filter.placebo", False) else ""
+    placebo = PLACEBO if select(cfg, "filter.placebo", False) else ""
     return "+".join(n for n, _ in used) + placebo, \
         {f"{n}.{k}" if len(used) > 1 else k: v for n, s in used for k, v in s.items()}
 
@@ -161,6 +164,10 @@ def pareto(points: list[Point], copy_key: str, align_key: str) -> dict[str, dict
         best = min(ok, key=lambda p: p.mean[copy_key]) if ok else None
         out[method] = {"copy": best.mean[copy_key], "alignment": best.mean[align_key], "strength": best.label,
                        "copy_change": best.mean[copy_key] - ref.mean[copy_key]} if best else None
+    for method, best in out.items():  # a filter beside its placebo: the share of the copying the magnitude cut
+        control = out.get(f"{method}{PLACEBO}")
+        if best is not None and control is not None and ref.mean[copy_key]:
+            best["attributable_cut"] = (control["copy"] - best["copy"]) / ref.mean[copy_key]
     return out
 
 
@@ -233,15 +240,21 @@ def write_markdown(path: Path, summary: dict) -> None:
     """The Pareto summary, one table per setting."""
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"Per method: the lowest copy similarity of the duplicated prompts among its strengths whose "
-             f"alignment stays >= {ALIGNMENT_KEPT:.0%} of the unmitigated run's (- : none does).", ""]
+             f"alignment stays >= {ALIGNMENT_KEPT:.0%} of the unmitigated run's (- : none does). A filter with a "
+             "placebo point (the same rule, the magnitude's link to each sample removed) also gets its attributable "
+             "cut, (placebo's copy - its copy) / unmitigated copy, and methods are ranked by it (the first copy "
+             "measure, alignment of the other prompts); methods without a placebo follow.", ""]
     for setting, s in summary.items():
         ref = s["reference"] or {}
         lines += [f"### duplication mode {setting}", "",
                   "unmitigated: " + ", ".join(f"{k} {fmt(ref.get(k))}" for k in (*COPY_KEYS, *ALIGNMENT_KEYS)), "",
-                  "| method | strengths | " + " | ".join(f"{c} (alignment kept on {a.split('/')[1]} prompts)"
-                                                       for c in COPY_KEYS for a in ALIGNMENT_KEYS) + " |",
-                  "|---" * (2 + len(COPY_KEYS) * len(ALIGNMENT_KEYS)) + "|"]
-        for method in dict.fromkeys(p["method"] for p in s["points"]):
+                  "| method | strengths | attributable cut | " + " | ".join(
+                      f"{c} (alignment kept on {a.split('/')[1]} prompts)" for c in COPY_KEYS for a in ALIGNMENT_KEYS)
+                  + " |", "|---" * (3 + len(COPY_KEYS) * len(ALIGNMENT_KEYS)) + "|"]
+        primary = s["pareto"][next(iter(COPY_KEYS))][list(ALIGNMENT_KEYS)[-1]] or {}
+        methods = dict.fromkeys(p["method"] for p in s["points"])
+        cuts = {m: (primary.get(m) or {}).get("attributable_cut") for m in methods}
+        for method in sorted(cuts, key=lambda m: (cuts[m] is None, -(cuts[m] or 0))):
             labels = ", ".join(p["label"] for p in s["points"] if p["method"] == method)
             cells = []
             for c in COPY_KEYS:
@@ -249,7 +262,9 @@ def write_markdown(path: Path, summary: dict) -> None:
                     best = s["pareto"][c][a].get(method) if s["pareto"][c][a] else None
                     cells.append("-" if best is None else f"{fmt(best['copy'])} at {best['strength'] or '-'} "
                                                           f"(alignment {fmt(best['alignment'])})")
-            lines.append(f"| {method} | {labels or '-'} | " + " | ".join(cells) + " |")
+            cut = cuts[method]
+            lines.append(f"| {method} | {labels or '-'} | {'-' if cut is None else f'{cut:.1%}'} | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     path.write_text("\n".join(lines))
 

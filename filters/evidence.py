@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from filters.policy import FilterPolicy
+from filters.policy import KeyedPolicy
 from filters.timestep_scale import TimestepScale, occurrence_rounds
 
 
@@ -47,8 +47,10 @@ def benjamini_hochberg(p: torch.Tensor, fdr: float) -> torch.Tensor:
     return flagged
 
 
-class PairEvidence(FilterPolicy):
+class PairEvidence(KeyedPolicy):
     """``filter=calibrated``: per-key z of the mean relative magnitude, Benjamini-Hochberg over keys."""
+
+    STATE = ("count", "total", "dropped", "sums", "observed")
 
     def __init__(self, num_train_timesteps: int, num_keys: int, fdr: float = 0.001, look_every: int = 10,
                  buckets: int = 20, window: int = 256, min_samples: int = 16, min_timestep: int = 600,
@@ -77,20 +79,9 @@ class PairEvidence(FilterPolicy):
             setattr(self, name, getattr(self, name).to(device))
         return self
 
-    def judged(self, timesteps: torch.Tensor) -> torch.Tensor:
-        t = timesteps.to(self.count.device)
-        return (t >= self.min_timestep) & (t <= self.max_timestep)
-
-    def judge(self, pairs, timesteps, noise):
-        count = self.count[pairs.to(self.count.device).long()]
-        return self.least_judged_first(count, self.judged(timesteps), noise).to(pairs.device)
-
-    def keep(self, magnitude, timesteps, step, pairs=None, order=None):
-        if step < self.start_step:
-            return super().keep(magnitude, timesteps, step)
-        if pairs is None:
-            raise ValueError("a calibrated filter needs the batch's keys; the loop passes them")
-        return ~self.dropped[pairs.to(self.count.device).long()].to(magnitude.device)
+    def drops(self, keys: torch.Tensor) -> torch.Tensor:
+        """Flagged at some look."""
+        return self.dropped[keys]
 
     def observe(self, magnitude, timesteps, valid, pairs=None, kept=None, order=None):
         device = self.count.device
@@ -143,17 +134,8 @@ class PairEvidence(FilterPolicy):
         flagged[tested] = benjamini_hochberg(p, self.fdr)
         self.dropped |= flagged
 
-    def state_dict(self):
-        return {**self.scale.state_dict(), "count": self.count.clone(), "total": self.total.clone(),
-                "dropped": self.dropped.clone(), "sums": self.sums.clone(), "observed": self.observed.clone()}
-
     def load_state_dict(self, state):
         if "total" not in state:
             raise ValueError("this checkpoint's filter state is the robust-z rule's (filter=calibrated_z, the "
                              "calibrated filter before issue 26); resume it with filter=calibrated_z")
-        if state["count"].shape != self.count.shape:
-            raise ValueError(f"the checkpoint's filter remembers {state['count'].numel()} keys; this run's data "
-                             f"has {self.count.numel()}")
-        self.scale.load_state_dict(state)
-        for name in ("count", "total", "dropped", "sums", "observed"):
-            getattr(self, name).copy_(state[name])
+        self.load_tables(state)

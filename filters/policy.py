@@ -79,9 +79,9 @@ class FilterPolicy:
         sample) in the judged timestep range (``in_range``) first, ties broken by the seeded noise."""
         n = count.numel()
         k = math.ceil(self.judge_fraction * n)
-        chosen = torch.zeros(n, dtype=torch.bool, device=count.device)
         if k >= n:
-            return chosen | True
+            return torch.ones(n, dtype=torch.bool, device=count.device)
+        chosen = torch.zeros(n, dtype=torch.bool, device=count.device)
         priority = count.double() + noise.to(count.device).double() + (~in_range).double() * 2.0**40
         chosen[priority.topk(k, largest=False).indices] = True
         return chosen
@@ -126,7 +126,52 @@ class FixedThreshold(FilterPolicy):
         return magnitude < self.threshold
 
 
-class TimestepCalibrated(FilterPolicy):
+class KeyedPolicy(FilterPolicy):
+    """What the calibrated filters share: a per-key memory (``count``, judgements per key) read at the
+    judged timesteps ``[min_timestep, max_timestep]``, the least-judged keys judged first, and every
+    sample kept or dropped by its key's memory alone (:meth:`drops`) from ``start_step`` on."""
+
+    count: torch.Tensor
+    min_timestep: int
+    max_timestep: int
+    start_step: int
+    scale: TimestepScale
+    STATE: tuple[str, ...] = ()  # the per-key tables and counters a checkpoint holds, beside the scale's
+
+    def state_dict(self) -> dict:
+        return {**self.scale.state_dict(), **{name: getattr(self, name).clone() for name in self.STATE}}
+
+    def load_tables(self, state: dict, optional: tuple[str, ...] = ()) -> None:
+        """Restore :data:`STATE` (those in ``optional`` only when the checkpoint has them)."""
+        if state["count"].shape != self.count.shape:
+            raise ValueError(f"the checkpoint's filter remembers {state['count'].numel()} keys; this run's data "
+                             f"has {self.count.numel()}")
+        self.scale.load_state_dict(state)
+        for name in self.STATE:
+            if name in state or name not in optional:
+                getattr(self, name).copy_(state[name])
+
+    def judged(self, timesteps: torch.Tensor) -> torch.Tensor:
+        t = timesteps.to(self.count.device)
+        return (t >= self.min_timestep) & (t <= self.max_timestep)
+
+    def judge(self, pairs, timesteps, noise):
+        count = self.count[pairs.to(self.count.device).long()]
+        return self.least_judged_first(count, self.judged(timesteps), noise).to(pairs.device)
+
+    def drops(self, keys: torch.Tensor) -> torch.Tensor:
+        """Which of ``keys`` (long, on the state's device) the memory drops."""
+        raise NotImplementedError
+
+    def keep(self, magnitude, timesteps, step, pairs=None, order=None):
+        if step < self.start_step:
+            return super().keep(magnitude, timesteps, step)
+        if pairs is None:
+            raise ValueError("a calibrated filter needs the batch's keys; the loop passes them")
+        return ~self.drops(pairs.to(self.count.device).long()).to(magnitude.device)
+
+
+class TimestepCalibrated(KeyedPolicy):
     """The robust-z rule (``filter=calibrated_z``; memsieve's calibrated filter before issue 26).
 
     Kept to reproduce the figures made with it, and as the control that shows why it was
@@ -146,6 +191,8 @@ class TimestepCalibrated(FilterPolicy):
     ``average`` (float32): 8 bytes per key. The limit comes from :mod:`filters.population` (exact,
     or a histogram estimate whose cost does not grow with the number of keys).
     """
+
+    STATE = ("count", "average", "dropped")
 
     def __init__(self, num_train_timesteps: int, num_pairs: int, z: float = 3.0, buckets: int = 20,
                  window: int = 256, min_samples: int = 64, min_timestep: int = 0, max_timestep: int | None = None,
@@ -178,10 +225,6 @@ class TimestepCalibrated(FilterPolicy):
         self._limit = None
         return self
 
-    def judged(self, timesteps: torch.Tensor) -> torch.Tensor:
-        t = timesteps.to(self.count.device)
-        return (t >= self.min_timestep) & (t <= self.max_timestep)
-
     def prompt_limit(self) -> torch.Tensor:
         """Median + z * 1.4826 * MAD of the averages of keys judged often enough (inf until
         ``min_prompts`` such keys exist); a 0-dim tensor on the state's device."""
@@ -190,22 +233,10 @@ class TimestepCalibrated(FilterPolicy):
                                                 self.min_prompts, self.z)
         return self._limit
 
-    def remembered(self, pairs: torch.Tensor) -> torch.Tensor:
-        """Which of ``pairs`` the memory drops: judged often enough and above the limit."""
-        p = pairs.to(self.count.device).long()
+    def drops(self, keys: torch.Tensor) -> torch.Tensor:
+        """Judged often enough and above the limit, or dropped for good."""
         needed = max(self.min_observations, self.drop_observations)
-        return ((self.count[p] >= needed) & (self.average[p] > self.prompt_limit())) | self.dropped[p]
-
-    def judge(self, pairs, timesteps, noise):
-        count = self.count[pairs.to(self.count.device).long()]
-        return self.least_judged_first(count, self.judged(timesteps), noise).to(pairs.device)
-
-    def keep(self, magnitude, timesteps, step, pairs=None, order=None):
-        if step < self.start_step:
-            return super().keep(magnitude, timesteps, step)
-        if pairs is None:
-            raise ValueError("a calibrated filter needs the batch's keys; the loop passes them")
-        return ~self.remembered(pairs).to(magnitude.device)
+        return ((self.count[keys] >= needed) & (self.average[keys] > self.prompt_limit())) | self.dropped[keys]
 
     def observe(self, magnitude, timesteps, valid, pairs=None, kept=None, order=None):
         magnitude = magnitude.float().to(self.count.device)
@@ -236,22 +267,12 @@ class TimestepCalibrated(FilterPolicy):
             self.count[p], self.average[p] = new_count, new_average
         self._limit = None
 
-    def state_dict(self):
-        return {**self.scale.state_dict(), "count": self.count.clone(), "average": self.average.clone(),
-                "dropped": self.dropped.clone()}
-
     def load_state_dict(self, state):
         if "count" not in state:
             raise ValueError("this checkpoint's filter memory is keyed by caption (memsieve before pair-keyed "
                              "memory); resume it with that version or start the run again")
-        if state["count"].shape != self.count.shape:
-            raise ValueError(f"the checkpoint's filter remembers {state['count'].numel()} keys; this run's data "
-                             f"has {self.count.numel()}")
-        self.scale.load_state_dict(state)
-        for name in ("count", "average"):
-            getattr(self, name).copy_(state[name])
-        if "dropped" in state:  # absent from checkpoints written before filter.sticky existed: none dropped yet
-            self.dropped.copy_(state["dropped"])
+        # dropped is absent from checkpoints written before filter.sticky existed: none dropped yet
+        self.load_tables(state, optional=("dropped",))
         self.population.rebuild(self.count, self.average, self.min_observations)
         self._limit = None
 

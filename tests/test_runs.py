@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -101,7 +102,7 @@ def test_two_processes_decide_as_one_process_over_the_same_samples(tmp_path):
     assert all(torch.allclose(w1[k], w2[k], atol=1e-4) for k in w1)  # DDP's filtered mean is the global one
 
 
-def test_demo_fine_tunes_the_shipped_base_three_ways_and_compares(tmp_path):
+def test_demo_fine_tunes_the_shipped_base_four_ways_and_compares(tmp_path):
     out = tmp_path / "demo"
     proc = run_cli(python_cli("train.demo", *MICRO, "train.steps=6", "filter.min_samples=4", "demo.progress_every=1",
                               'demo.runs.threshold=["filter=threshold","filter.choose.quantile=0.9","filter.choose.samples=16"]',
@@ -109,17 +110,26 @@ def test_demo_fine_tunes_the_shipped_base_three_ways_and_compares(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last == str(out / "comparison.json")
     comparison = json.loads((out / "comparison.json").read_text())
-    runs = ("unfiltered", "threshold", "calibrated")
-    assert [comparison[r]["filter"]["kind"] for r in runs] == ["none", "threshold", "calibrated"]
+    runs = ("unfiltered", "threshold", "calibrated", "calibrated_placebo")
+    assert [comparison[r]["filter"]["kind"] for r in runs] == ["none", "threshold", "calibrated", "calibrated"]
+    assert [comparison[r]["filter"].get("placebo") for r in runs] == [None, False, False, True]
     assert comparison["unfiltered"]["filter"]["dropped_fraction"] == {"duplicated": 0.0, "other": 0.0}
     # Same seed, same world: every run saw the same samples.
     assert comparison["unfiltered"]["filter"]["seen"] == comparison["threshold"]["filter"]["seen"] \
-        == comparison["calibrated"]["filter"]["seen"]
+        == comparison["calibrated"]["filter"]["seen"] == comparison["calibrated_placebo"]["filter"]["seen"]
     # The paper's threshold was chosen once from the base model and is the one the run used.
     choice = json.loads((out / "threshold" / "threshold.json").read_text())
     assert choice["samples"] == 16 and choice["threshold"] == comparison["threshold"]["filter"]["threshold"]
     table = (out / "comparison.md").read_text()
-    assert "| metric | unfiltered | threshold | calibrated |" in table and "| copy/duplicated |" in table
+    assert "| metric | unfiltered | threshold | calibrated | calibrated_placebo |" in table
+    assert "| copy/duplicated |" in table and "| filter/placebo |" in table
+    # The last table: the calibrated filter beside its placebo, and what each knew.
+    attributed = json.loads((out / "attribution.json").read_text())["worlds"]
+    calibrated = next(row for row in attributed if row["run"] == "calibrated")
+    assert calibrated["placebo_run"] == "calibrated_placebo" and calibrated["unfiltered_run"] == "unfiltered"
+    assert calibrated["attributable_cut"] == pytest.approx(calibrated["copy_cut"] - calibrated["placebo_copy_cut"])
+    assert "pixel digest" in calibrated["knew"]
+    assert "attributable cut" in proc.stdout.split("what the magnitude caused")[1]
     assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison.csv").exists()
     assert list((out / "wandb").glob("offline-run-*"))
     for run in runs:
