@@ -2,11 +2,13 @@
 
 A filter run's *copy cut* is ``1 - copy(filtered) / copy(unfiltered)`` on the duplicated prompts
 (similarity of each generation to its own training image), against the unfiltered run of the
-same world (same seed and data). Its placebo (``filter.placebo=true``: the same rule with each
-magnitude's link to its sample removed) has a cut of its own, which the magnitude cannot have
-caused; the **attributable cut** is the difference. Beside them: the samples each dropped by
-group (duplicated and other, by the manifest: measurement, not what the filter knew), the other
-prompts' alignment against the unfiltered run's, and what the filter knew (``filter.knew``).
+same world (same seed and data); none where the unfiltered run copies its duplicated prompts no
+more than its other prompts (a ``caption_only`` world: nothing to cut). Its placebo
+(``filter.placebo=true``: the same rule with each magnitude's link to its sample removed) has a
+cut of its own, which the magnitude cannot have caused; the **attributable cut** is the
+difference. Beside them: the samples each dropped by group (duplicated and other, by the
+manifest: measurement, not what the filter knew), the other prompts' alignment against the
+unfiltered run's, and what the filter knew (``filter.knew``).
 
 Runs pair up by their resolved config: the same world (``seed`` and ``data``), the same filter
 settings but for ``placebo``. Over several worlds (e.g. demos on world seeds 3, 4, 5 given to
@@ -46,8 +48,11 @@ def label_of(run, cfg: dict) -> str:
     return filt["kind"] + (f" [key={key}]" if key else "")
 
 
-def cut(filtered: float | None, unfiltered: float | None) -> float | None:
-    if filtered is None or unfiltered is None or unfiltered == 0:
+def cut(filtered: float | None, unfiltered: float | None, unfiltered_other: float | None) -> float | None:
+    """``1 - filtered / unfiltered``; ``None`` where the unfiltered model copies its duplicated prompts'
+    images no more than its other prompts' (``copy/gap`` <= 0: nothing to cut, and the ratio of two
+    near-zero similarities is noise)."""
+    if filtered is None or unfiltered is None or unfiltered <= (unfiltered_other or 0.0):
         return None
     return 1.0 - filtered / unfiltered
 
@@ -63,15 +68,16 @@ def per_world(runs) -> list[dict]:
         if unfiltered is None:
             continue
         base_copy, base_align = unfiltered.metrics.get("copy/duplicated"), unfiltered.metrics.get("alignment/other")
+        base_other = unfiltered.metrics.get("copy/other")
         for run in mine:
             cfg = configs[id(run)]
             if cfg["filter"]["kind"] == "none" or cfg["filter"].get("placebo"):
                 continue
             placebo = next((r for r in mine if configs[id(r)]["filter"].get("placebo")
                             and filter_identity(configs[id(r)]) == filter_identity(cfg)), None)
-            own, control = cut(run.metrics.get("copy/duplicated"), base_copy), None
+            own, control = cut(run.metrics.get("copy/duplicated"), base_copy, base_other), None
             if placebo is not None:
-                control = cut(placebo.metrics.get("copy/duplicated"), base_copy)
+                control = cut(placebo.metrics.get("copy/duplicated"), base_copy, base_other)
             align = run.metrics.get("alignment/other")
             rows.append({
                 "filter": label_of(run, cfg), "run": run.name, "placebo_run": placebo.name if placebo else None,

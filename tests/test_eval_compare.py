@@ -21,7 +21,8 @@ def sweep(tmp_path_factory):
     """``experiment=dup_sweep`` at micro size: two duplication counts, unfiltered (two real runs)."""
     root = tmp_path_factory.mktemp("sweep")
     micro = [o for o in MICRO if not o.startswith("data.duplication.copies")]
-    run_cli(python_cli("train", "experiment=dup_sweep", *micro, "train.steps=4", "filter=none",
+    run_cli(python_cli("train", "experiment=dup_sweep", *micro, "train.steps=4",
+                       "hydra.sweeper.grids.calibrated=null", "hydra.sweeper.grids.calibrated_placebo=null",
                        f"data.duplication.copies={','.join(map(str, COUNTS))}", f"hydra.sweep.dir={root / 'sweep'}"),
             cwd=root)
     return root / "sweep"
