@@ -290,9 +290,9 @@ def build_policy(cfg: DictConfig, num_train_timesteps: int, num_pairs: int) -> F
     if cfg.kind == "calibrated":
         from filters.evidence import PairEvidence
 
-        return PairEvidence(num_train_timesteps, num_pairs, cfg.fdr, cfg.look_every, cfg.buckets, cfg.window,
-                            cfg.min_samples, cfg.min_timestep, cfg.max_timestep, cfg.min_observations, cfg.min_keys,
-                            cfg.start_step, cfg.get("judge_fraction", 1.0), placebo)
+        # Built from its config group: every setting of configs/filter/calibrated.yaml is a constructor argument.
+        settings = {k: v for k, v in cfg.items() if k not in ("kind", "key", "table_size")}
+        return PairEvidence(num_train_timesteps, num_pairs, **settings)
     if cfg.kind == "calibrated_z":
         return TimestepCalibrated(num_train_timesteps, num_pairs, cfg.z, cfg.buckets, cfg.window, cfg.min_samples,
                                   cfg.min_timestep, cfg.max_timestep, cfg.start_step, cfg.memory_decay,
