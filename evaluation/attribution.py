@@ -12,7 +12,8 @@ unfiltered run's, and what the filter knew (``filter.knew``).
 
 Runs pair up by their resolved config: the same world (``seed`` and ``data``), the same filter
 settings but for ``placebo``. Over several worlds (e.g. demos on world seeds 3, 4, 5 given to
-``memsieve-compare`` together) each figure is the mean and sample standard deviation.
+``memsieve-compare`` together) each figure is the mean and sample standard deviation; runs that
+differ in duplication count (a duplication sweep) get a row per count.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def per_world(runs) -> list[dict]:
             rows.append({
                 "filter": label_of(run, cfg), "run": run.name, "placebo_run": placebo.name if placebo else None,
                 "unfiltered_run": unfiltered.name, "seed": cfg.get("seed"),
+                "copies": (cfg.get("data") or {}).get("duplication", {}).get("copies"),
                 "knew": run.metrics.get("filter/knew"),
                 "copy_cut": own, "placebo_copy_cut": control,
                 "attributable_cut": None if own is None or control is None else own - control,
@@ -106,9 +108,10 @@ def spread(values: list[float | None]) -> dict:
 def attribution(runs) -> dict:
     """``{"worlds": rows per world, "filters": {label: {figure: mean, std, n}, "knew": ...}}``."""
     rows = per_world(runs)
+    by_count = len({json.dumps(r["copies"]) for r in rows}) > 1  # a duplication sweep: one row per count
     grouped: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        grouped[row["filter"]].append(row)
+        grouped[row["filter"] + (f" copies={row['copies']}" if by_count else "")].append(row)
     filters = {label: {"knew": sorted({r["knew"] for r in group if r["knew"]}), "worlds": len(group),
                        "seeds": [r["seed"] for r in group], **{f: spread([r[f] for r in group]) for f in FIGURES}}
                for label, group in grouped.items()}

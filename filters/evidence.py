@@ -75,7 +75,7 @@ class PairEvidence(KeyedPolicy):
 
     def to(self, device):
         self.scale.to(device)
-        for name in ("count", "total", "dropped", "sums", "observed"):
+        for name in self.STATE:
             setattr(self, name, getattr(self, name).to(device))
         return self
 

@@ -218,7 +218,7 @@ class TimestepCalibrated(KeyedPolicy):
 
     def to(self, device):
         self.scale.to(device)
-        for name in ("count", "average", "dropped"):
+        for name in self.STATE:
             setattr(self, name, getattr(self, name).to(device))
         if isinstance(self.population, HistogramLimit):
             self.population.to(device)
