@@ -38,9 +38,16 @@ def world_of(cfg: dict) -> str:
     return json.dumps({"seed": cfg.get("seed"), "data": cfg.get("data")}, sort_keys=True, default=str)
 
 
+def filter_settings(cfg: dict) -> dict:
+    """The filter's settings without ``placebo`` (a run and its placebo share them) and without a
+    threshold that ``filter.choose`` picked from the run's own base model (it differs by world)."""
+    filt = cfg["filter"]
+    chosen = (filt.get("choose") or {}).get("quantile") is not None
+    return {k: v for k, v in filt.items() if k != "placebo" and not (chosen and k == "threshold")}
+
+
 def filter_identity(cfg: dict) -> str:
-    """The filter's settings without ``placebo``: a run and its placebo share it."""
-    return json.dumps({k: v for k, v in cfg["filter"].items() if k != "placebo"}, sort_keys=True, default=str)
+    return json.dumps(filter_settings(cfg), sort_keys=True, default=str)
 
 
 def label_of(run, cfg: dict) -> str:
@@ -84,6 +91,7 @@ def per_world(runs) -> list[dict]:
                 "filter": label_of(run, cfg), "run": run.name, "placebo_run": placebo.name if placebo else None,
                 "unfiltered_run": unfiltered.name, "seed": cfg.get("seed"),
                 "copies": (cfg.get("data") or {}).get("duplication", {}).get("copies"),
+                "settings": filter_settings(cfg),
                 "knew": run.metrics.get("filter/knew"),
                 "copy_cut": own, "placebo_copy_cut": control,
                 "attributable_cut": None if own is None or control is None else own - control,
@@ -111,7 +119,11 @@ def attribution(runs) -> dict:
     by_count = len({json.dumps(r["copies"]) for r in rows}) > 1  # a duplication sweep: one row per count
     grouped: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
-        grouped[row["filter"] + (f" copies={row['copies']}" if by_count else "")].append(row)
+        # Settings that differ between runs of one filter (a sweep's strengths) name their own rows.
+        same = [r["settings"] for r in rows if r["filter"] == row["filter"]]
+        varying = sorted(k for k in row["settings"] if len({json.dumps(s.get(k), default=str) for s in same}) > 1)
+        label = " ".join([row["filter"], *(f"{k}={row['settings'][k]}" for k in varying)])
+        grouped[label + (f" copies={row['copies']}" if by_count else "")].append(row)
     filters = {label: {"knew": sorted({r["knew"] for r in group if r["knew"]}), "worlds": len(group),
                        "seeds": [r["seed"] for r in group], **{f: spread([r[f] for r in group]) for f in FIGURES}}
                for label, group in grouped.items()}

@@ -234,8 +234,9 @@ def log_wandb(out: Path, runs: list[Run], pngs: dict[str, Path], wandb_cfg: Dict
                   **wandb_logs(tradeoff)}
         if attributed["worlds"]:
             columns = list(attributed["worlds"][0])
+            cell = lambda v: json.dumps(v, default=str) if isinstance(v, dict) else v  # noqa: E731
             logged["comparison/attribution"] = wandb.Table(
-                columns=columns, data=[[row[c] for c in columns] for row in attributed["worlds"]])
+                columns=columns, data=[[cell(row[c]) for c in columns] for row in attributed["worlds"]])
         for key in MEMORIZATION_KEYS if is_duplication_sweep(runs) else ():
             lines = duplication_lines(runs, key)
             if lines:
